@@ -1,0 +1,27 @@
+"""genaf: secure fine-tuning of pre-trained encoders against downstream-agnostic adversarial examples."""
+
+__version__ = "0.1.0"
+
+from .errors import CheckpointError, ConfigError, DataError, GenafError, SpecError  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "GenafError",
+    "SpecError",
+    "CheckpointError",
+    "DataError",
+    "ConfigError",
+    "load_encoder",
+    "load_dataset",
+    "load_model",
+    "finetune",
+    "evaluate",
+]
+
+
+def __getattr__(name: str):  # lazy, so `import genaf` stays cheap
+    if name in ("load_encoder", "load_dataset", "load_model", "finetune", "evaluate", "craft"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(name)

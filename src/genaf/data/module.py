@@ -1,0 +1,230 @@
+"""DataModule, ImageSet and the dataset registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, DataError, unknown
+from ..utils import generator
+
+# name -> raw loader(root, download) -> (train_x, train_y, test_x, test_y, classes),
+# images uint8 (N, C, H, W) with C in {1, 3}; or a list of per-image tensors when sizes differ.
+RawLoader = Callable[..., tuple]
+
+
+def _fashion(root=None, download=False):
+    from .fashion_mnist import load_fashion_mnist
+
+    return load_fashion_mnist(root, download)
+
+
+def _tv(name: str) -> RawLoader:
+    def load(root=None, download=False):
+        from .torchvision_sets import load_torchvision_raw
+
+        return load_torchvision_raw(name, root, download)
+
+    return load
+
+
+DATASETS: dict[str, RawLoader] = {
+    "fashion-mnist": _fashion,
+    "cifar10": _tv("cifar10"),
+    "stl10": _tv("stl10"),
+    "gtsrb": _tv("gtsrb"),
+    "svhn": _tv("svhn"),
+}
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, 3, H, W), integer labels, and their index in the source split."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"ImageSet wants uint8 (N, C, H, W) images, got {self.images.dtype} {tuple(self.images.shape)}")
+        if not (len(self.images) == len(self.labels) == len(self.indices)):
+            raise DataError("ImageSet images, labels and indices differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None) -> ImageSet:
+        """The first ``n`` items (they are already in a seeded random order)."""
+        if n is None or n >= len(self):
+            return self
+        return ImageSet(self.images[:n], self.labels[:n], self.indices[:n], self.split)
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(self.images.to(device), self.labels.to(device), self.indices.to(device), self.split)
+
+    def float_images(self) -> torch.Tensor:
+        return self.images.float().div_(255.0)
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        gen: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        drop_last: bool = False,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (x float [0,1], y, dataset indices) batches, optionally shuffled by ``gen``."""
+        if batch_size <= 0:
+            raise ConfigError(f"batch size must be positive, got {batch_size}")
+        n = len(self)
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
+            idx = order[start : start + batch_size]
+            x = self.images[idx.to(self.images.device)]
+            if device is not None:
+                x = x.to(device, non_blocking=True)
+            x = x.float().div_(255.0)
+            if transform is not None:
+                x = transform(x)
+            y = self.labels[idx.to(self.labels.device)]
+            yield x, (y.to(device) if device is not None else y), self.indices[idx.to(self.indices.device)]
+
+
+@dataclass
+class DataModule:
+    """Train / val / test splits of one downstream task, plus the disjoint surrogate pool."""
+
+    name: str
+    classes: list[str]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    surrogate_pool: ImageSet
+    image_size: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def surrogate(self, n: int | None = None) -> ImageSet:
+        """Training-split images used by neither train nor val (disjoint from test too)."""
+        if len(self.surrogate_pool) == 0:
+            raise DataError(
+                f"dataset {self.name} has no images left for a surrogate pool; lower n_train/n_val"
+            )
+        return self.surrogate_pool.subset(n)
+
+
+def _to_uint8_nchw(x, image_size: int | None, what: str) -> torch.Tensor:
+    """Stack/resize raw images to uint8 (N, 3, S, S)."""
+    if isinstance(x, list):
+        if not x:
+            raise DataError(f"{what} is empty")
+        if image_size is None:
+            sizes = {tuple(t.shape[-2:]) for t in x}
+            if len(sizes) > 1:
+                raise DataError(f"{what} has images of several sizes {sorted(sizes)[:4]}...; pass an image size")
+        x = torch.stack([_resize(t.unsqueeze(0), image_size)[0] for t in x]) if image_size else torch.stack(x)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dtype != torch.uint8:
+        raise DataError(f"{what}: raw images must be uint8, got {x.dtype}")
+    if x.shape[1] not in (1, 3):
+        raise DataError(f"{what}: images have {x.shape[1]} channels; expected 1 (grayscale) or 3 (RGB)")
+    if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
+        x = torch.cat([_resize(x[i : i + 4096], image_size) for i in range(0, len(x), 4096)])
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.contiguous()
+
+
+def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def load_dataset(
+    spec: str,
+    root: str | None = None,
+    image_size: int | None = None,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    val_fraction: float = 0.1,
+    n_test: int | None = None,
+    seed: int = 0,
+    download: bool = False,
+) -> DataModule:
+    """Load a downstream dataset with a seeded validation split carved from its training data.
+
+    Args:
+        spec: dataset name or ``imagefolder:PATH``.
+        root: where torchvision datasets live (``--data-root``).
+        image_size: resize every image to this square side (None keeps the native size).
+        n_train, n_val: sizes of the train and validation splits (None: all remaining /
+            ``val_fraction`` of the training data). Remaining images form the surrogate pool.
+        n_test: a seeded subset of the test split (None: all of it).
+        seed: the split seed.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise unknown("dataset", str(spec), list(DATASETS) + ["imagefolder:PATH"])
+    if spec.startswith("imagefolder:"):
+        from .imagefolder import load_imagefolder_raw
+
+        raw = load_imagefolder_raw(spec.split(":", 1)[1], image_size)
+        name = spec
+    elif spec in DATASETS:
+        raw = DATASETS[spec](root=root, download=download)
+        name = spec
+    else:
+        raise unknown("dataset", spec, list(DATASETS) + ["imagefolder:PATH"])
+    train_x, train_y, test_x, test_y, classes = raw
+    for v, what in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
+        if v is not None and int(v) <= 0:
+            raise ConfigError(f"{what} must be positive, got {v}")
+    train_x = _to_uint8_nchw(train_x, image_size, f"{name} train split")
+    test_x = _to_uint8_nchw(test_x, image_size, f"{name} test split")
+    train_y = torch.as_tensor(train_y, dtype=torch.long)
+    test_y = torch.as_tensor(test_y, dtype=torch.long)
+    nc = len(classes)
+    for y, what in ((train_y, "train"), (test_y, "test")):
+        if len(y) == 0:
+            raise DataError(f"{name} {what} split is empty")
+        if int(y.min()) < 0 or int(y.max()) >= nc:
+            raise DataError(f"{name} {what} labels span [{int(y.min())}, {int(y.max())}] but there are {nc} classes")
+    n = len(train_y)
+    nv = int(n_val) if n_val is not None else max(1, int(round(val_fraction * n)))
+    nt = int(n_train) if n_train is not None else n - nv
+    if nv + nt > n:
+        raise ConfigError(f"{name} has {n} training images; n_train={nt} + n_val={nv} is too many")
+    perm = torch.randperm(n, generator=generator(seed, f"split:{name}"))
+    val_idx, train_idx, pool_idx = perm[:nv], perm[nv : nv + nt], perm[nv + nt :]
+    test_perm = torch.randperm(len(test_y), generator=generator(seed, f"test:{name}"))
+    if n_test is not None and n_test < len(test_y):
+        test_idx = test_perm[: int(n_test)].sort().values
+    else:
+        test_idx = torch.arange(len(test_y))
+
+    def mk(x, y, idx, split):
+        return ImageSet(x[idx], y[idx], idx.clone(), split)
+
+    size = int(train_x.shape[-1])
+    return DataModule(
+        name=name,
+        classes=list(classes),
+        train=mk(train_x, train_y, train_idx, "train"),
+        val=mk(train_x, train_y, val_idx, "val"),
+        test=mk(test_x, test_y, test_idx, "test"),
+        surrogate_pool=mk(train_x, train_y, pool_idx, "surrogate"),
+        image_size=size,
+        info={"spec": spec, "seed": seed, "n_train": nt, "n_val": nv, "n_test": len(test_idx), "image_size": size},
+    )

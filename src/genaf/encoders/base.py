@@ -1,0 +1,172 @@
+"""The Encoder module: [0,1] images in, features out, normalisation inside."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, SpecError
+from .resnet import build_backbone
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
+FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
+
+# Normalisation of an encoder's *pre-training* dataset, by name (solo-learn's dataset names).
+DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": (IMAGENET_MEAN, IMAGENET_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "imagenet100": (IMAGENET_MEAN, IMAGENET_STD),
+    "fashion-mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+}
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` as a module, so attacks see [0,1] pixels."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise SpecError(f"mean has {len(mean)} channels but std has {len(std)}")
+        if any(s <= 0 for s in std):
+            raise SpecError(f"normalisation std must be positive, got {tuple(std)}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class Encoder(nn.Module):
+    """A pre-trained image encoder ``f(N(x))`` on [0,1] NCHW images.
+
+    Attributes:
+        backbone: the trunk (module names as in torchvision for ResNets).
+        feature_dim: size of the returned feature vector.
+        mean, std: the normalisation applied inside (the pre-training dataset's).
+        input_size: the image side length the encoder was pre-trained at (informational).
+        arch: architecture name. meta: everything needed to rebuild it (see ``encoders.files``).
+    """
+
+    def __init__(self, backbone: nn.Module, meta: dict) -> None:
+        super().__init__()
+        self.meta = copy.deepcopy(meta)
+        self.normalize = Normalize(meta["mean"], meta["std"])
+        self.backbone = backbone
+        self.feature_dim = int(getattr(backbone, "feature_dim", meta.get("feature_dim", 0)))
+        self.meta["feature_dim"] = self.feature_dim
+
+    @property
+    def arch(self) -> str:
+        return str(self.meta.get("arch"))
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.meta["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.meta["std"])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.meta.get("input_size", 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+    def layer_names(self) -> list[str]:
+        """Names (relative to the backbone) of every module, in registration order."""
+        return [n for n, _ in self.backbone.named_modules() if n]
+
+    def weight_layer_names(self) -> list[str]:
+        """Names of every Conv2d/Linear module of the backbone (attack hooks, stage 2)."""
+        return [n for n, m in self.backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def get_layer(self, name: str) -> nn.Module:
+        """The backbone module called ``name``; an unknown name lists the available ones."""
+        modules = dict(self.backbone.named_modules())
+        if name not in modules or not name:
+            from ..errors import did_you_mean
+
+            raise SpecError(
+                f"encoder has no layer '{name}'{did_you_mean(name, modules)}; available: "
+                + ", ".join(n for n in modules if n)
+            )
+        return modules[name]
+
+    def describe(self) -> dict:
+        """What `genaf inspect` prints."""
+        info = {
+            "arch": self.arch,
+            "source": self.meta.get("source"),
+            "feature_dim": self.feature_dim,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "num_tensors": len(self.backbone.state_dict()),
+            "num_parameters": sum(p.numel() for p in self.backbone.parameters()),
+        }
+        conv1 = getattr(self.backbone, "conv1", None)
+        if isinstance(conv1, nn.Conv2d):
+            info["stem"] = {
+                "type": self.meta.get("stem"),
+                "kernel_size": list(conv1.kernel_size),
+                "stride": list(conv1.stride),
+                "padding": list(conv1.padding),
+                "maxpool": type(getattr(self.backbone, "maxpool", nn.Identity())).__name__,
+            }
+        for k in ("method", "pretrain_dataset", "width"):
+            if k in self.meta:
+                info[k] = self.meta[k]
+        return info
+
+
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load a state dict strictly; on a mismatch list missing/unexpected/mis-shaped keys."""
+    own = module.state_dict()
+    state = dict(state)
+    for k in own:  # older files omit BatchNorm's step counter; it does not affect the output
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = torch.zeros_like(own[k])
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+        if shapes:
+            parts.append(f"wrong shapes ({len(shapes)}): {_short(shapes)}")
+        raise CheckpointError(f"{what} does not match the model: " + "; ".join(parts))
+    module.load_state_dict({k: v for k, v in state.items()}, strict=True)
+
+
+def _short(items: list[str], n: int = 12) -> str:
+    s = ", ".join(items[:n])
+    return s + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def encoder_from_state(meta: dict, backbone_state: dict[str, torch.Tensor], what: str) -> Encoder:
+    """Build the backbone described by ``meta`` and load ``backbone_state`` strictly."""
+    backbone = build_backbone(meta)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in backbone_state.items()}
+    load_state_strict(backbone, state, what)
+    return Encoder(backbone, meta)

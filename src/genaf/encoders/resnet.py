@@ -1,0 +1,105 @@
+"""ResNet backbones with torchvision's parameter names, a width option and a CIFAR stem.
+
+The module names match torchvision's ``resnet18``/``resnet50`` exactly (``conv1``, ``bn1``,
+``layer1.0.conv1`` ...), so torchvision and solo-learn state dicts load without renaming.
+Differences that matter for public checkpoints are parameters:
+
+- ``stem="imagenet"``: 7x7 stride-2 conv (padding 3) and a 3x3 max-pool (torchvision);
+- ``stem="cifar"``: 3x3 stride-1 conv with ``stem_padding`` (solo-learn uses **2**) and no
+  max-pool (``maxpool`` is ``nn.Identity``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from ..errors import SpecError
+
+ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision-compatible ResNet trunk returning pooled features (no ``fc``).
+
+    Input: a normalised NCHW float tensor. Output: (N, feature_dim) features.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        width: int = 64,
+        stem: str = "imagenet",
+        stem_padding: int | None = None,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise SpecError(f"unknown ResNet arch '{arch}'; choose one of: {', '.join(ARCHS)}")
+        if stem not in ("imagenet", "cifar"):
+            raise SpecError(f"unknown stem '{stem}'; use 'imagenet' or 'cifar'")
+        block, layers = ARCHS[arch]
+        self.arch, self.width, self.stem = arch, int(width), stem
+        self.inplanes = int(width)
+        self.dilation = 1
+        self.groups = 1
+        self.base_width = 64
+        if stem == "cifar":
+            self.stem_padding = 1 if stem_padding is None else int(stem_padding)
+            self.conv1 = nn.Conv2d(in_chans, self.inplanes, 3, 1, self.stem_padding, bias=False)
+            self.bn1 = nn.BatchNorm2d(self.inplanes)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.stem_padding = 3 if stem_padding is None else int(stem_padding)
+            self.conv1 = nn.Conv2d(in_chans, self.inplanes, 7, 2, self.stem_padding, bias=False)
+            self.bn1 = nn.BatchNorm2d(self.inplanes)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        w = int(width)
+        self.layer1 = self._make_layer(block, w, layers[0])
+        self.layer2 = self._make_layer(block, 2 * w, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * w, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * w, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.feature_dim = 8 * w * block.expansion
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes))
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def build_backbone(meta: dict) -> ResNetBackbone:
+    """Build a backbone from an encoder's metadata dict (arch, width, stem, stem_padding)."""
+    return ResNetBackbone(
+        arch=meta.get("arch", "resnet18"),
+        width=int(meta.get("width", 64)),
+        stem=meta.get("stem", "imagenet"),
+        stem_padding=meta.get("stem_padding"),
+        in_chans=int(meta.get("in_chans", 3)),
+    )
