@@ -127,7 +127,7 @@ def tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
@@ -138,9 +138,7 @@ def check_eps(eps: float, name: str = "eps") -> float:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name} must be a number in (0, 1] (pixel units), got {eps!r}") from exc
     if not (0.0 < eps <= 1.0) or eps != eps:
-        raise ConfigError(
-            f"{name}={eps} is outside (0, 1]; budgets are in [0,1] pixel units (write 8/255 as 0.0314)"
-        )
+        raise ConfigError(f"{name}={eps} is outside (0, 1]; budgets are in [0,1] pixel units (write 8/255 as 0.0314)")
     return eps
 
 

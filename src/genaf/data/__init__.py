@@ -13,6 +13,6 @@ every downstream split, from which attacks may draw.
 
 from __future__ import annotations
 
-from .module import DataModule, ImageSet, load_dataset, DATASETS
+from .module import DATASETS, DataModule, ImageSet, load_dataset
 
 __all__ = ["DataModule", "ImageSet", "load_dataset", "DATASETS"]

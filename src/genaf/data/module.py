@@ -51,7 +51,9 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DataError(f"ImageSet wants uint8 (N, C, H, W) images, got {self.images.dtype} {tuple(self.images.shape)}")
+            raise DataError(
+                f"ImageSet wants uint8 (N, C, H, W) images, got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if not (len(self.images) == len(self.labels) == len(self.indices)):
             raise DataError("ImageSet images, labels and indices differ in length")
 
@@ -117,9 +119,7 @@ class DataModule:
     def surrogate(self, n: int | None = None) -> ImageSet:
         """Training-split images used by neither train nor val (disjoint from test too)."""
         if len(self.surrogate_pool) == 0:
-            raise DataError(
-                f"dataset {self.name} has no images left for a surrogate pool; lower n_train/n_val"
-            )
+            raise DataError(f"dataset {self.name} has no images left for a surrogate pool; lower n_train/n_val")
         return self.surrogate_pool.subset(n)
 
 

@@ -1,0 +1,116 @@
+"""Shared attack machinery: the registry, eval-mode handling, layer taps."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, unknown
+
+_ATTACKS: dict[str, type] = {}
+
+
+def register_attack(name: str) -> Callable[[type], type]:
+    """Class decorator adding an attack to the registry under ``name``."""
+
+    def deco(cls: type) -> type:
+        cls.name = name
+        _ATTACKS[name] = cls
+        return cls
+
+    return deco
+
+
+def attack_names() -> list[str]:
+    _import_all()
+    return sorted(_ATTACKS)
+
+
+def create_attack(name: str, encoder: nn.Module, preset: str = "cpu", **cfg: Any):
+    """Build a registered DAE attack on ``encoder`` from a named preset plus overrides."""
+    _import_all()
+    if name not in _ATTACKS:
+        raise unknown("attack", name, _ATTACKS)
+    cls = _ATTACKS[name]
+    presets = getattr(cls, "presets", {})
+    if preset not in presets:
+        raise unknown(f"preset for attack {name}", preset, presets)
+    params = dict(presets[preset])
+    bad = [k for k in cfg if k not in params and k not in getattr(cls, "extra_keys", ())]
+    if bad:
+        raise ConfigError(f"attack {name} has no option(s) {bad}; its options are: {', '.join(sorted(params))}")
+    params.update({k: v for k, v in cfg.items() if v is not None})
+    return cls(encoder, preset=preset, **params)
+
+
+def _import_all() -> None:
+    from . import l4a, noise, ssp  # noqa: F401  (registration side effects)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's previous mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, t in modes:
+            m.train(t)
+
+
+class _Stop(Exception):
+    pass
+
+
+class LayerTap:
+    """Capture the outputs of named submodules during a forward pass.
+
+    With ``stop_early=True`` the forward pass stops once every tapped output is captured, so
+    objectives on low layers do not pay for the rest of the network.
+    """
+
+    def __init__(self, encoder: nn.Module, names: list[str], stop_early: bool = True) -> None:
+        self.encoder = encoder
+        self.names = list(names)
+        self.stop_early = stop_early
+        getter = encoder.get_layer
+        self.modules = {n: getter(n) for n in self.names}
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.outputs = {}
+        handles = []
+
+        def hook(name):
+            def fn(_m, _inp, out):
+                if name not in self.outputs:
+                    self.outputs[name] = out
+                if self.stop_early and len(self.outputs) == len(self.names):
+                    raise _Stop
+
+            return fn
+
+        for n, m in self.modules.items():
+            handles.append(m.register_forward_hook(hook(n)))
+        try:
+            self.encoder(x)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in self.names if n not in self.outputs]
+        if missing:
+            raise ConfigError(f"layers {missing} were not reached by the encoder's forward pass")
+        return self.outputs
+
+
+def input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d loss / d x only: no gradient ever lands in a parameter."""
+    (g,) = torch.autograd.grad(loss, x, only_inputs=True)
+    return g

@@ -1,0 +1,56 @@
+r"""Feature-distortion attacks (SSP, Naseer et al., CVPR 2020) on the encoder alone.
+
+``ssp-universal`` maximises ``mean_i ‖A_ℓ(x_i+δ) − A_ℓ(x_i)‖²`` with one shared δ, where
+``A_ℓ`` is a named layer's output (default: the encoder's output features).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import LayerTap, register_attack
+from .universal import UniversalAttack
+
+
+def feature_distortion(adv: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """``mean_i ‖a_i − c_i‖²`` with the squared norm summed over every non-batch dimension."""
+    return (adv.float() - clean.float()).pow(2).flatten(1).sum(1).mean()
+
+
+@register_attack("ssp-universal")
+class SSPUniversal(UniversalAttack):
+    presets = {
+        "paper": {
+            "eps": 16 / 255,
+            "step": 0.01,
+            "batch_size": 64,
+            "iterations": 2000,
+            "layer": "",
+            "init": "uniform",
+            "seed": 0,
+        },
+        "cpu": {
+            "eps": 16 / 255,
+            "step": 2e-3,
+            "batch_size": 64,
+            "iterations": 150,
+            "layer": "",
+            "init": "uniform",
+            "seed": 0,
+        },
+    }
+
+    def __init__(self, encoder, preset="cpu", **cfg):
+        super().__init__(encoder, preset, **cfg)
+        layer = cfg.get("layer") or ""
+        self.tap = LayerTap(encoder, [layer]) if layer else None
+
+    def _feat(self, x):
+        if self.tap is None:
+            return self.encoder(x)
+        return self.tap(x)[self.cfg["layer"]]
+
+    def objective(self, x_adv, x):
+        with torch.no_grad():
+            clean = self._feat(x)
+        return feature_distortion(self._feat(x_adv), clean)

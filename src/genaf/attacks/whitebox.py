@@ -1,0 +1,64 @@
+"""White-box attacks on a (defended) classifier: FGSM and PGD-L∞ in [0,1] pixel space.
+
+The model is switched to eval mode for the attack (previous per-module modes restored) and
+gradients are taken with respect to the input only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..utils import check_eps
+from .base import eval_mode, input_grad
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    step: float,
+    steps: int,
+    random_start: bool = True,
+    restarts: int = 1,
+    gen: torch.Generator | None = None,
+    loss_fn=None,
+) -> torch.Tensor:
+    """PGD-L∞ maximising cross-entropy; returns x_adv with ``‖x_adv − x‖∞ ≤ eps`` in [0,1].
+
+    With several restarts, each sample keeps the first restart that fools the model (or the
+    last one). ``steps=1, random_start=False, step=eps`` is FGSM.
+    """
+    check_eps(eps)
+    loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="sum"))
+    x = x.detach()
+    best = x.clone()
+    with eval_mode(model):
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for _ in range(max(1, restarts)):
+            if random_start:
+                noise = torch.rand(x.shape, generator=gen, device="cpu").to(x.device, x.dtype)
+                xa = (x + (noise * 2 - 1) * eps).clamp(0, 1)
+            else:
+                xa = x.clone()
+            for _ in range(steps):
+                xa.requires_grad_(True)
+                with torch.enable_grad():
+                    loss = loss_fn(model(xa), y)
+                g = input_grad(loss, xa)
+                xa = xa.detach() + step * g.sign()
+                xa = torch.min(torch.max(xa, x - eps), x + eps).clamp(0, 1)
+            with torch.no_grad():
+                now = model(xa).argmax(1) != y
+            take = now | ~fooled
+            best[take] = xa[take].detach()
+            fooled |= now
+            if bool(fooled.all()):
+                break
+    return best.detach()
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    return pgd(model, x, y, eps, step=eps, steps=1, random_start=False)

@@ -1,0 +1,291 @@
+"""The ``genaf`` command: a thin layer over ``genaf.api``.
+
+This is the only place where errors become a one-line message and exit code 2
+(``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import GenafError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=None, help="fashion-mnist, cifar10, stl10, gtsrb, svhn or imagefolder:PATH")
+    p.add_argument("--data-root", default=None, help="where torchvision datasets live")
+    p.add_argument("--download", action="store_true", default=None, help="download the dataset if it is missing")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--n-val", type=int, default=None)
+    p.add_argument("--n-test", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="genaf",
+        description="Secure fine-tuning of pre-trained encoders against "
+        "downstream-agnostic adversarial examples (Gen-AF and baselines).",
+    )
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"genaf {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="the offline demo: SFT, AT and Gen-AF on Fashion-MNIST against DAEs")
+    p.add_argument("--out", default="demo-run")
+    p.add_argument("--quick", action="store_true", help="a much smaller setting (smoke test, not the protocol)")
+    _common(p)
+
+    p = sub.add_parser("finetune", help="fine-tune an encoder on a downstream dataset")
+    p.add_argument("--encoder", default=None, help="demo, solo:PATH, torchvision:ARCH:PATH or file:PATH")
+    p.add_argument("--method", default=None, help="sft, at, genaf-stage1 or genaf")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--config", default=None, help="YAML file with any of the options")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--eps", default=None, help="training PGD budget, e.g. 8/255")
+    p.add_argument("--lam", type=float, default=None, help="genetic regulariser weight (genaf)")
+    p.add_argument("--head", default=None, choices=["mlp", "linear"])
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="any method option")
+    p.add_argument("--amp", default=None, choices=["none", "bf16"])
+    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--resume", action="store_true")
+    _data_args(p)
+    _common(p)
+
+    p = sub.add_parser("attack", help="craft a universal DAE on an encoder from surrogate images")
+    p.add_argument("--encoder", default="demo")
+    p.add_argument("--attack", required=True)
+    p.add_argument(
+        "--surrogate",
+        default="fashion-mnist",
+        help="dataset whose surrogate pool (training images outside train/val) is used",
+    )
+    p.add_argument("--n-surrogate", type=int, default=2000)
+    p.add_argument("--eps", required=True, help="L-inf budget in [0,1] pixel units, e.g. 16/255")
+    p.add_argument("--preset", default="cpu", help="cpu or paper")
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="any attack option")
+    p.add_argument("--out", required=True, help="perturbation file to write")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="evaluate a run against perturbation files (adds to metrics.json)")
+    p.add_argument("--model", required=True, help="run directory")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--perturbation", nargs="*", default=[], help="perturbation files")
+    p.add_argument("--whitebox", action="store_true", help="also run white-box PGD on the model")
+    _common(p)
+
+    p = sub.add_parser("pretrain", help="self-supervised pre-training of a small encoder (SimCLR or BYOL)")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--method", default="simclr", choices=["simclr", "byol"])
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--n-images", type=int, default=15000)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", required=True, help="encoder file (.safetensors or .pt)")
+    _common(p)
+
+    p = sub.add_parser("inspect", help="print what an encoder spec loads")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return ap
+
+
+def _eps(v):
+    from .utils import check_eps, parse_fraction
+
+    return None if v is None else check_eps(parse_fraction(v))
+
+
+def cmd_finetune(a) -> int:
+    from . import api
+    from .config import load_yaml, parse_assignments
+
+    file_cfg = load_yaml(a.config) if a.config else None
+    mc = parse_assignments(a.sets)
+    for k, v in (("epochs", a.epochs), ("lam", a.lam), ("eps", _eps(a.eps))):
+        if v is not None:
+            mc[k] = v
+    if file_cfg and "method_config" in file_cfg:
+        mc = {**file_cfg["method_config"], **mc}
+    train = {"batch_size": a.batch_size, "device": a.device, "amp": a.amp, "channels_last": a.channels_last}
+    data = {
+        "root": a.data_root,
+        "image_size": a.image_size,
+        "n_train": a.n_train,
+        "n_val": a.n_val,
+        "n_test": a.n_test,
+        "download": a.download,
+    }
+    from .config import resolve
+
+    cfg = resolve(file_cfg, encoder=a.encoder, dataset=a.dataset, method=a.method, seed=a.seed, head=a.head)
+    m = api.finetune(
+        cfg["encoder"],
+        cfg["dataset"],
+        cfg["method"],
+        a.out,
+        config=cfg,
+        method_config=mc,
+        train=train,
+        data=data,
+        seed=cfg["seed"],
+        resume=a.resume,
+    )
+    print(_summary(m))
+    return 0
+
+
+def _summary(m: dict) -> str:
+    ra = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.get("robust_acc", {}).items())
+    return f"clean accuracy {100 * m['clean_acc']:.1f}% on {m['n_test']} test images; robust accuracy: {ra}"
+
+
+def cmd_attack(a) -> int:
+    from . import api
+    from .config import parse_assignments
+    from .data import load_dataset
+
+    eps = _eps(a.eps)
+    out = Path(a.out)
+    enc = api.load_encoder(a.encoder)
+    dm = load_dataset(a.surrogate, root=a.data_root, image_size=a.image_size or None, seed=a.seed or 0)
+    sur = dm.surrogate(a.n_surrogate) if len(dm.surrogate_pool) else dm.train.subset(a.n_surrogate)
+    pert = api.craft(
+        enc,
+        a.attack,
+        sur,
+        eps,
+        preset=a.preset,
+        seed=a.seed or 0,
+        device=a.device or "auto",
+        surrogate_name=f"{a.surrogate}:surrogate-pool[{len(sur)}]",
+        out=out,
+        log=print,
+        **parse_assignments(a.sets),
+    )
+    from .visualize import save_perturbation_images
+
+    pics = save_perturbation_images(pert, sur.subset(8), out)
+    print(f"wrote {out} ({pert.attack}, eps={pert.eps:.4f}, linf={pert.linf():.4f}) and {', '.join(map(str, pics))}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from . import api
+
+    perts = {Path(p).stem: p for p in a.perturbation}
+    m = api.evaluate(a.model, perts, dataset=a.dataset, device=a.device or "auto", whitebox=a.whitebox)
+    print(_summary(m))
+    return 0
+
+
+def cmd_pretrain(a) -> int:
+    from .data import load_dataset
+    from .encoders.demo import DEMO_META
+    from .encoders.files import save_encoder
+    from .pretrain import pretrain, probe_report
+    from .utils import resolve_device
+
+    dm = load_dataset(
+        a.dataset,
+        root=a.data_root,
+        image_size=a.image_size,
+        n_train=a.n_images,
+        n_val=min(1000, max(1, a.n_images // 10)),
+        seed=a.seed or 0,
+    )
+    from .encoders.base import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = DATASET_STATS.get(a.dataset, (IMAGENET_MEAN, IMAGENET_STD))
+    meta = dict(
+        DEMO_META,
+        arch=a.arch,
+        width=a.width,
+        input_size=dm.image_size,
+        mean=list(mean),
+        std=list(std),
+        pretrain_dataset=a.dataset,
+    )
+    enc = pretrain(
+        dm.train,
+        meta,
+        method=a.method,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        seed=a.seed or 0,
+        device=resolve_device(a.device or "auto"),
+    )
+    save_encoder(enc, a.out)
+    rep = probe_report(enc, dm)
+    print(json.dumps({"out": a.out, **rep}, indent=2))
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from . import api
+
+    info = api.load_encoder(a.spec).describe()
+    if a.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>16s}: {v}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    run_demo(a.out, quick=a.quick, device=a.device or "auto", seed=a.seed or 0)
+    return 0
+
+
+COMMANDS = {
+    "finetune": cmd_finetune,
+    "attack": cmd_attack,
+    "evaluate": cmd_evaluate,
+    "pretrain": cmd_pretrain,
+    "inspect": cmd_inspect,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except GenafError as exc:
+        if getattr(args, "debug", False):
+            raise
+        msg = str(exc).replace("\n", " ")
+        print(f"genaf {args.cmd}: error: {msg}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"genaf {args.cmd}: error: file not found: {exc.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"genaf {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""What a fine-tuning method is: named stages, each owning *what* a step computes.
+
+The Trainer owns *how* steps run (device, AMP, compile, checkpoints, resume). A stage
+receives the unwrapped module for its attacks, declares its parameter groups (each becomes
+one optimiser with its own settings), sets which modules train and which stay frozen, and
+returns a dict of named losses (``"loss"`` is the one optimised).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, unknown
+
+_METHODS: dict[str, type] = {}
+
+
+def register_method(name: str):
+    def deco(cls):
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def method_names() -> list[str]:
+    _import_all()
+    return sorted(_METHODS)
+
+
+def _import_all() -> None:
+    from . import at, genaf, sft  # noqa: F401
+
+
+def create_method(name: str, **cfg: Any) -> Method:
+    """Build a registered method; unknown options are an error listing the valid ones."""
+    _import_all()
+    if name not in _METHODS:
+        raise unknown("method", name, _METHODS)
+    cls = _METHODS[name]
+    defaults = cls.default_config()
+    bad = [k for k in cfg if k not in defaults]
+    if bad:
+        from ..errors import did_you_mean
+
+        hints = "".join(did_you_mean(b, defaults) for b in bad)
+        raise ConfigError(f"method {name} has no option(s) {bad}{hints}; its options: {', '.join(sorted(defaults))}")
+    merged = dict(defaults)
+    merged.update({k: v for k, v in cfg.items() if v is not None})
+    return cls(merged)
+
+
+@dataclass
+class ParamGroup:
+    """One optimiser: its parameters and settings (Adam by default, ExponentialLR per epoch)."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr: float
+    weight_decay: float = 0.0
+    gamma: float = 1.0  # ExponentialLR factor per epoch
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    milestones: list[int] = field(default_factory=list)  # MultiStepLR (×0.1) when set
+
+
+@dataclass
+class Context:
+    """What a stage may use besides the model: data, device, seed, a frozen copy of the
+    pre-trained encoder, a logger, and the run directory (for artefacts)."""
+
+    data: Any
+    device: torch.device
+    seed: int
+    reference_encoder: nn.Module | None
+    log: Any
+    run_dir: Any = None
+    artifacts: dict = field(default_factory=dict)
+
+
+class Stage:
+    """One phase of a method (e.g. Gen-AF stage 1). Subclasses override the hooks."""
+
+    name = "stage"
+    select = "clean"  # validation criterion: "clean", "robust", "clean+robust", "last"
+    needs_val_robust = False
+
+    def __init__(self, cfg: dict, epochs: int) -> None:
+        self.cfg = cfg
+        self.epochs = int(epochs)
+
+    def setup(self, model: nn.Module, ctx: Context) -> dict:
+        """Run once before the stage's first epoch; returns JSON-able artefacts (kept on resume)."""
+        return {}
+
+    def restore(self, model: nn.Module, ctx: Context, artifacts: dict) -> None:
+        """Re-apply setup's effect from saved artefacts when resuming."""
+
+    def param_groups(self, model: nn.Module) -> list[ParamGroup]:
+        raise NotImplementedError
+
+    def set_modes(self, model: nn.Module) -> None:
+        """Called after ``model.train()``: put frozen parts back in eval mode."""
+
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: Context) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, ctx: Context, evaluate) -> dict:
+        """Run once after the best checkpoint is restored; returns JSON-able artefacts."""
+        return {}
+
+
+class Method:
+    """A fine-tuning method: a list of stages and its default configuration."""
+
+    name = "method"
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.validate()
+
+    @classmethod
+    def default_config(cls) -> dict:
+        return {}
+
+    def validate(self) -> None:
+        pass
+
+    def stages(self) -> list[Stage]:
+        raise NotImplementedError
+
+
+def encoder_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.encoder.parameters()]
+
+
+def head_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.head.parameters()]

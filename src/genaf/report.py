@@ -1,0 +1,37 @@
+"""Markdown tables from metrics files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def demo_table(results: dict[str, dict], attack_order: list[str] | None = None) -> str:
+    """A methods × attacks table of clean accuracy and robust accuracy (percent)."""
+    attacks: list[str] = []
+    for m in results.values():
+        for a in m.get("robust_acc", {}):
+            if a not in attacks:
+                attacks.append(a)
+    if attack_order:
+        attacks = [a for a in attack_order if a in attacks] + [a for a in attacks if a not in attack_order]
+    head = "| method | clean acc | " + " | ".join(f"RA {a}" for a in attacks) + " | weight drift |"
+    sep = "|" + "---|" * (len(attacks) + 3)
+    rows = [head, sep]
+    for name, m in results.items():
+        ra = m.get("robust_acc", {})
+        drift = m.get("weight_drift")
+        rows.append(
+            f"| {name} | {_pct(m['clean_acc'])} | "
+            + " | ".join(_pct(ra.get(a)) for a in attacks)
+            + f" | {'—' if drift is None else f'{drift:.3f}'} |"
+        )
+    return "\n".join(rows)
+
+
+def load_metrics(run_dirs: dict[str, Path]) -> dict[str, dict]:
+    return {k: json.loads((Path(v) / "metrics.json").read_text()) for k, v in run_dirs.items()}

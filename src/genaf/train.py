@@ -1,0 +1,341 @@
+"""The Trainer: the loop, optimisers, schedulers, AMP, channels_last, checkpoints and resume.
+
+The Trainer never knows which method it runs: it asks each stage for its parameter groups
+(one optimiser each), lets the stage set train/eval modes after ``model.train()``, and calls
+``stage.step`` for a dict of named losses. Every random draw is seeded from
+(seed, stage, epoch), so a run resumed from a checkpoint replays exactly what an
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import copy
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks.whitebox import pgd
+from .augment import crop_flip
+from .errors import CheckpointError, ConfigError
+from .methods.base import Context, Method, ParamGroup, Stage
+from .utils import generator, torch_save_atomic, unit_seed
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"  # "none" | "bf16"
+    channels_last: bool = False
+    compile: bool = False
+    augment: bool = True
+    n_val_robust: int = 512  # validation images attacked each epoch for model selection
+    val_eps: float = 8 / 255
+    val_step: float = 2 / 255
+    val_steps: int = 10
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise ConfigError(f"batch size must be positive, got {self.batch_size}")
+        if self.amp not in ("none", "bf16"):
+            raise ConfigError(f"amp must be 'none' or 'bf16', got '{self.amp}'")
+
+
+def _make_optimizer(group: ParamGroup):
+    if group.optimizer == "adam":
+        opt = torch.optim.Adam(group.params, lr=group.lr, weight_decay=group.weight_decay)
+    elif group.optimizer == "sgd":
+        opt = torch.optim.SGD(group.params, lr=group.lr, momentum=group.momentum, weight_decay=group.weight_decay)
+    else:
+        raise ConfigError(f"unknown optimizer '{group.optimizer}' (use adam or sgd)")
+    if group.milestones:
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=group.milestones, gamma=0.1)
+    else:
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=group.gamma)
+    return opt, sched
+
+
+class Trainer:
+    """Runs a method's stages on a model and data; writes checkpoints into ``run_dir``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data,
+        method: Method,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        device: torch.device,
+        log=print,
+    ) -> None:
+        cfg.validate()
+        self.model, self.data, self.method, self.cfg = model, data, method, cfg
+        self.run_dir, self.device, self.log = Path(run_dir), device, log
+        self.stages: list[Stage] = method.stages()
+        self.history: list[dict] = []
+        self.artifacts: dict = {}
+        self._interrupted = False
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _accuracy(self, xs_iter) -> float:
+        correct = n = 0
+        for x, y, _ in xs_iter:
+            with self._autocast():
+                pred = self.model(self._prep(x)).argmax(1)
+            correct += int((pred == y).sum())
+            n += len(y)
+        return correct / max(n, 1)
+
+    def validate(self, model: nn.Module | None = None, robust: bool = True) -> dict:
+        """Validation clean accuracy and (on a fixed subset) PGD robust accuracy."""
+        model = model or self.model
+        was = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            out = {"val_clean": self._accuracy(self.data.val.batches(self.cfg.eval_batch_size, device=self.device))}
+            if robust and self.cfg.n_val_robust > 0:
+                sub = self.data.val.subset(self.cfg.n_val_robust)
+                gen = generator(self.cfg.seed, "val:pgd")
+                correct = 0
+                for x, y, _ in sub.batches(self.cfg.eval_batch_size, device=self.device):
+                    xa = pgd(model, x, y, self.cfg.val_eps, self.cfg.val_step, self.cfg.val_steps, gen=gen)
+                    with torch.no_grad():
+                        correct += int((model(xa).argmax(1) == y).sum())
+                out["val_robust"] = correct / len(sub)
+        finally:
+            for m, t in was:
+                m.train(t)
+        return out
+
+    @staticmethod
+    def score(val: dict, select: str) -> float:
+        if select == "clean":
+            return val["val_clean"]
+        if select == "robust":
+            return val.get("val_robust", 0.0)
+        if select == "clean+robust":
+            return val["val_clean"] + val.get("val_robust", 0.0)
+        return 0.0  # "last": every epoch ties, the latest wins
+
+    # ------------------------------------------------------------------ helpers
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def _autocast(self):
+        if self.cfg.amp == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _ckpt_path(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+    def _save(self, stage_index: int, epoch: int, opts, scheds, best) -> None:
+        state = {
+            "format": "genaf-checkpoint",
+            "version": 1,
+            "stage_index": stage_index,
+            "stage": self.stages[stage_index].name if stage_index < len(self.stages) else "done",
+            "epoch": epoch,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizers": [o.state_dict() for o in opts],
+            "schedulers": [s.state_dict() for s in scheds],
+            "best": best,
+            "artifacts": self.artifacts,
+            "history": self.history,
+            "torch_rng": torch.get_rng_state(),
+        }
+        torch_save_atomic(state, self._ckpt_path())
+
+    def _load(self) -> dict:
+        path = self._ckpt_path()
+        if not path.is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {path}; start without --resume")
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"--resume: cannot read {path} safely ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(state, dict) or state.get("format") != "genaf-checkpoint":
+            raise CheckpointError(f"--resume: {path} is not a genaf training checkpoint")
+        return state
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> dict:
+        """Run every stage; returns the artefacts (validation history, stage outputs)."""
+        cfg = self.cfg
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        reference = copy.deepcopy(self.model.encoder).eval().requires_grad_(False)
+        ctx = Context(self.data, self.device, cfg.seed, reference, self.log, self.run_dir, self.artifacts)
+        start_stage, start_epoch, ckpt = 0, 0, None
+        if resume:
+            ckpt = self._load()
+            self.model.load_state_dict(ckpt["model"])
+            self.artifacts.update(ckpt["artifacts"])
+            self.history = list(ckpt["history"])
+            start_stage, start_epoch = int(ckpt["stage_index"]), int(ckpt["epoch"])
+            if "reference_encoder" in self.artifacts:
+                reference.load_state_dict(self.artifacts["reference_encoder"])
+            self.log(f"resuming at stage {start_stage} ({ckpt['stage']}), epoch {start_epoch}")
+        else:
+            self.artifacts["reference_encoder"] = {
+                k: v.detach().cpu().clone() for k, v in reference.state_dict().items()
+            }
+        ctx.artifacts = self.artifacts
+        old_handler = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            for si in range(start_stage, len(self.stages)):
+                resumed_here = ckpt is not None and si == start_stage
+                self._run_stage(si, ctx, start_epoch if resumed_here else 0, ckpt if resumed_here else None)
+            self._save(len(self.stages), 0, [], [], None)
+        finally:
+            signal.signal(signal.SIGINT, old_handler)
+        return self.artifacts
+
+    def _on_sigint(self, signum, frame):
+        self._interrupted = True
+        self.log("interrupted: finishing the current batch and writing a checkpoint (Ctrl-C again to abort)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _run_stage(self, si: int, ctx: Context, start_epoch: int, ckpt: dict | None) -> None:
+        stage, cfg = self.stages[si], self.cfg
+        key = f"stage{si}:{stage.name}"
+        if stage.name == "stage2" and "stage1_state" not in self.artifacts:
+            self.artifacts["stage1_state"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self.artifacts["stage1_val"] = self.validate()
+        if key in self.artifacts.get("setup", {}):
+            stage.restore(self.model, ctx, self.artifacts["setup"][key])
+        else:
+            torch.manual_seed(unit_seed(cfg.seed, f"{key}:setup"))
+            self.artifacts.setdefault("setup", {})[key] = stage.setup(self.model, ctx)
+        groups = stage.param_groups(self.model)
+        built = [_make_optimizer(g) for g in groups]
+        opts, scheds = [o for o, _ in built], [s for _, s in built]
+        best = None
+        if ckpt is not None:
+            for o, s in zip(opts, ckpt["optimizers"]):
+                o.load_state_dict(s)
+            for sc, s in zip(scheds, ckpt["schedulers"]):
+                sc.load_state_dict(s)
+            best = ckpt["best"]
+        trainable = {id(p) for g in groups for p in g.params}
+        for epoch in range(start_epoch, stage.epochs):
+            t0 = time.time()
+            torch.manual_seed(unit_seed(cfg.seed, f"{key}:epoch{epoch}:torch"))
+            if hasattr(stage, "_gen"):
+                stage._gen = generator(cfg.seed, f"{key}:epoch{epoch}:attack")
+            shuffle = generator(cfg.seed, f"{key}:epoch{epoch}:shuffle")
+            aug = generator(cfg.seed, f"{key}:epoch{epoch}:augment")
+            self.model.train()
+            stage.set_modes(self.model)
+            sums: dict[str, float] = {}
+            nb = 0
+            n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
+            bar = _progress(n_batches, f"{stage.name} {epoch + 1}/{stage.epochs}", cfg.progress)
+            transform = functools.partial(crop_flip, gen=aug) if cfg.augment else None
+            for x, y, _ in self.data.train.batches(
+                cfg.batch_size, shuffle=True, gen=shuffle, device=self.device, drop_last=True, transform=transform
+            ):
+                x = self._prep(x)
+                with self._autocast():
+                    losses = stage.step(self.model, x, y, ctx)
+                loss = losses["loss"]
+                if not torch.isfinite(loss):
+                    raise ConfigError(
+                        f"{stage.name}: the loss became {float(loss)} at epoch {epoch + 1}; "
+                        "lower the learning rate or the regulariser weight"
+                    )
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                for o in opts:
+                    o.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                nb += 1
+                bar.update(1)
+                if self._interrupted:
+                    break
+            bar.close()
+            for s in scheds:
+                s.step()
+            if self._interrupted:
+                self._save(si, epoch, opts, scheds, best)
+                self.log(f"checkpoint written to {self._ckpt_path()}; continue with --resume")
+                sys.exit(130)
+            val = self.validate(robust=stage.needs_val_robust or stage.select in ("robust", "clean+robust"))
+            score = self.score(val, stage.select)
+            row = {
+                "stage": stage.name,
+                "epoch": epoch + 1,
+                "seconds": round(time.time() - t0, 2),
+                **{k: v / max(nb, 1) for k, v in sums.items()},
+                **val,
+            }
+            self.history.append(row)
+            self.log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            if best is None or score >= best["score"]:
+                best = {
+                    "score": score,
+                    "epoch": epoch + 1,
+                    "val": val,
+                    "state": {
+                        k: v.detach().cpu().clone()
+                        for k, v in self.model.state_dict().items()
+                        if _is_trainable_key(self.model, k, trainable)
+                    },
+                }
+            self._save(si, epoch + 1, opts, scheds, best)
+        if best is not None and stage.epochs > 0:
+            self.model.load_state_dict(
+                {**self.model.state_dict(), **{k: v.to(self.device) for k, v in best["state"].items()}}
+            )
+            self.log(f"{stage.name}: keeping epoch {best['epoch']} (validation {stage.select} = {best['score']:.4f})")
+            self.artifacts.setdefault("selected_epoch", {})[key] = best["epoch"]
+        out = stage.finish(self.model, ctx, lambda m: self.validate(m))
+        if out:
+            self.artifacts.setdefault("finish", {})[key] = out
+        self._save(si + 1, 0, [], [], None)
+
+
+def _is_trainable_key(model: nn.Module, key: str, trainable_ids: set[int]) -> bool:
+    """Parameters of this stage's groups, and buffers (BatchNorm statistics) that train mode updates."""
+    params = dict(model.named_parameters())
+    if key in params:
+        return id(params[key]) in trainable_ids
+    return True
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if enabled and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    class _Null:
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
+
+
+__all__ = ["Trainer", "TrainConfig", "asdict", "F"]

@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """A tiny Fashion-MNIST split (the real offline dataset)."""
+    if not FASHION.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    from genaf.data import load_dataset
+
+    return load_dataset("fashion-mnist", n_train=192, n_val=96, n_test=96, seed=0)
+
+
+@pytest.fixture()
+def tiny_encoder():
+    from genaf.encoders import load_encoder
+
+    return load_encoder("random:demo")

@@ -1,0 +1,350 @@
+"""The safe checkpoint reader: tensors come back, code never runs, bad files give clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import collections
+import functools
+import importlib
+import json
+import marshal
+import operator
+import os
+import pickle
+import runpy
+import shlex
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from enc_helpers import rewrite_zip, zip_prefix
+
+from genaf.encoders import load_encoder
+from genaf.encoders.safe_load import (
+    InertGlobal,
+    extract_state_dict,
+    key_prefixes,
+    read_checkpoint,
+    tensor_dict,
+)
+from genaf.errors import CheckpointError
+
+
+class Payload:
+    """Unpickles as ``func(*args)``: the classic way a pickle runs code."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _qualified(func) -> str:
+    if isinstance(func, functools.partial):
+        func = func.func
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+def _payloads(marker: Path) -> dict[str, Payload]:
+    code = f"open({str(marker)!r}, 'w').close()"
+    touch = f"touch {shlex.quote(str(marker))}"
+    return {
+        "os.system": Payload(os.system, touch),
+        "builtins.exec": Payload(builtins.exec, code),
+        "builtins.eval": Payload(builtins.eval, code),
+        "subprocess.call": Payload(subprocess.call, ["touch", str(marker)]),
+        "subprocess.Popen": Payload(subprocess.Popen, ["touch", str(marker)]),
+        # REDUCE calls partial() -> os.system(touch); os.system is still looked up by name
+        "partial(os.system)": Payload(functools.partial(os.system, touch)),
+    }
+
+
+PAYLOADS = list(_payloads(Path("x")))
+SYNCHRONOUS = [p for p in PAYLOADS if p != "subprocess.Popen"]
+
+
+def _small_state() -> dict[str, torch.Tensor]:
+    return {"backbone.conv1.weight": torch.ones(4, 3, 3, 3), "backbone.bn1.weight": torch.ones(4)}
+
+
+def _write(path: Path, payload: Payload, where: str) -> Path:
+    if where == "in_state_dict":
+        obj = {"state_dict": {**_small_state(), "backbone.evil": payload}}
+    else:  # deep inside other Lightning-style entries
+        obj = {"state_dict": _small_state(), "hyper_parameters": {"a": [{"b": (1, payload)}]}, "epoch": 3}
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("where", ["in_state_dict", "nested"])
+@pytest.mark.parametrize("name", PAYLOADS)
+def test_code_in_the_pickle_is_refused_and_never_runs(tmp_path, name, where):
+    marker = tmp_path / "pwned"
+    payload = _payloads(marker)[name]
+    ckpt = _write(tmp_path / "evil.ckpt", payload, where)
+    loaders = {
+        "read_checkpoint": lambda: read_checkpoint(ckpt),
+        "solo": lambda: load_encoder(f"solo:{ckpt}"),
+        "torchvision": lambda: load_encoder(f"torchvision:resnet18:{ckpt}"),
+    }
+    for loader, call in loaders.items():
+        with pytest.raises(CheckpointError) as err:
+            call()
+        msg = str(err.value)
+        assert f"refusing to load {ckpt}" in msg, loader
+        assert f"it references {_qualified(payload.func)}, which could run code" in msg, loader
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", SYNCHRONOUS)
+def test_control_the_payloads_are_live_under_plain_pickle(tmp_path, name):
+    """Proves the files above really would run code if unpickled without restrictions."""
+    marker = tmp_path / "pwned"
+    ckpt = _write(tmp_path / "evil.ckpt", _payloads(marker)[name], "nested")
+    torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "func",
+    [
+        builtins.getattr,
+        builtins.__import__,
+        builtins.open,
+        builtins.compile,
+        importlib.import_module,
+        operator.attrgetter,
+        operator.methodcaller,
+        torch.load,
+        np.load,
+        pickle.loads,
+        marshal.loads,
+        runpy.run_path,
+        shutil.rmtree,
+        types.SimpleNamespace,  # the types module also builds functions and code objects
+    ],
+    ids=_qualified,
+)
+def test_other_dangerous_globals_are_refused(tmp_path, func):
+    ckpt = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "x": Payload(func, "/nonexistent-genaf-test-path")}, ckpt)
+    with pytest.raises(CheckpointError, match="which could run code"):
+        read_checkpoint(ckpt)
+
+
+def test_oversized_constructor_is_refused(tmp_path):
+    ckpt = tmp_path / "bomb.pt"
+    torch.save({"w": torch.ones(2), "x": Payload(bytes, 2**62)}, ckpt)
+    with pytest.raises(CheckpointError, match="allocate"):
+        read_checkpoint(ckpt)
+
+
+def test_unknown_globals_become_inert_placeholders_and_are_never_imported(tmp_path):
+    name = "genaf_test_no_such_module_xyz"
+    module = types.ModuleType(name)
+
+    class Thing:
+        def __init__(self, x):
+            self.x = x
+
+    class Called:
+        def __reduce__(self):
+            return Thing, (7,)
+
+    Thing.__module__, Thing.__qualname__ = name, "Thing"
+    module.Thing = Thing
+    sys.modules[name] = module
+    try:
+        ckpt = tmp_path / "odd.pt"
+        torch.save({"w": torch.arange(3), "obj": Thing(5), "called": Called()}, ckpt)
+    finally:
+        del sys.modules[name]
+
+    out = read_checkpoint(ckpt)
+
+    assert name not in sys.modules
+    assert torch.equal(out["w"], torch.arange(3))
+    assert isinstance(out["obj"], InertGlobal) and out["obj"].global_name == f"{name}.Thing"
+    assert out["obj"].state == {"x": 5}
+    assert isinstance(out["called"], InertGlobal) and out["called"].args == (7,)
+    assert type(out["obj"]) is type(out["called"])  # one placeholder class per global
+
+
+def test_plain_state_dict_round_trips(tmp_path):
+    sd = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict()
+    ckpt = tmp_path / "plain.pth"
+    torch.save(sd, ckpt)
+    out = read_checkpoint(ckpt)
+    assert list(out) == list(sd) and all(torch.equal(out[k], sd[k]) for k in sd)
+
+
+def _every_kind_of_tensor() -> dict[str, torch.Tensor]:
+    base = torch.randn(4, 5)
+    return {
+        "f32": base,
+        "strided_view": base[1:, ::2],  # shares the storage of f32, with an offset and strides
+        "f16": torch.randn(3).half(),
+        "bf16": torch.randn(3).bfloat16(),
+        "f64": torch.randn(2).double(),
+        "i64": torch.arange(5),
+        "i32": torch.arange(5).int(),
+        "i16": torch.arange(3).short(),
+        "i8": torch.arange(-2, 2).to(torch.int8),
+        "u8": torch.arange(3).to(torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "c64": torch.randn(3, dtype=torch.complex64),
+        "conj_view": torch.randn(3, dtype=torch.complex64).conj(),
+        "neg_view": torch.randn(3)._neg_view(),
+        "u16": torch.tensor([1, 2, 60000]).to(torch.uint16),  # written with _rebuild_tensor_v3
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+        "param": torch.nn.Parameter(torch.randn(2)),
+    }
+
+
+def test_restricted_reader_rebuilds_every_dense_dtype_and_plain_values(tmp_path):
+    tensors = _every_kind_of_tensor()
+    values = {
+        "size": torch.Size([1, 2]),
+        "dtype": torch.float16,
+        "device": torch.device("cpu"),
+        "od": collections.OrderedDict(a=1, b=[2, 3]),
+        "dd": collections.defaultdict(list, k=[1]),
+        "set": {1, 2},
+        "frozenset": frozenset({3}),
+        "bytes": b"\x00abc",
+        "bytearray": bytearray(b"xy"),
+        "range": range(3),
+        "slice": slice(1, 5, 2),
+        "complex": 1 + 2j,
+        "tuple": (1, "a", None, True, 2.5),
+    }
+    ckpt = tmp_path / "mixed.pt"
+    # argparse.Namespace makes torch's weights-only loader refuse, so genaf's reader runs
+    torch.save({**tensors, **values, "ns": argparse.Namespace(lr=0.1)}, ckpt)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(ckpt, weights_only=True)
+
+    out = read_checkpoint(ckpt)
+
+    for k, t in tensors.items():
+        expected = t.detach().resolve_conj().resolve_neg()
+        assert out[k].dtype == t.dtype and out[k].shape == t.shape, k
+        assert torch.equal(out[k], expected), k
+    assert isinstance(out["param"], torch.nn.Parameter)
+    assert out["strided_view"].untyped_storage().data_ptr() == out["f32"].untyped_storage().data_ptr()
+    for k, v in values.items():
+        assert out[k] == v and type(out[k]) is type(v), k
+    assert out["ns"].global_name == "argparse.Namespace" and out["ns"].state == {"lr": 0.1}
+
+
+def test_big_endian_files_are_byte_swapped(tmp_path):
+    tensors = {
+        "f32": torch.randn(5),
+        "f16": torch.randn(3).half(),
+        "i64": torch.tensor([1, -2, 2**40]),
+        "c64": torch.randn(2, dtype=torch.complex64),
+        "u8": torch.arange(4).to(torch.uint8),
+    }
+    src = tmp_path / "little.pt"
+    torch.save({**tensors, "ns": argparse.Namespace()}, src)
+    prefix = zip_prefix(src)
+    replace: dict[str, bytes | None] = {f"{prefix}/byteorder": b"big"}
+    for key, t in enumerate(tensors.values()):  # storages are numbered in pickling order
+        size = t.element_size() // (2 if t.is_complex() else 1)
+        replace[f"{prefix}/data/{key}"] = t.view(torch.uint8).view(-1, size).flip(1).contiguous().numpy().tobytes()
+    dst = tmp_path / "big.pt"
+    rewrite_zip(src, dst, replace)
+
+    out = read_checkpoint(dst)
+
+    for k, t in tensors.items():
+        assert torch.equal(out[k], t), k
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.ckpt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_encoder(f"solo:{tmp_path / 'nope.ckpt'}")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "text"])
+def test_unreadable_files(tmp_path, kind):
+    ckpt = tmp_path / f"{kind}.ckpt"
+    if kind == "truncated":
+        torch.save({"state_dict": _small_state()}, ckpt)
+        data = ckpt.read_bytes()
+        ckpt.write_bytes(data[: len(data) // 2])
+    elif kind == "random":
+        ckpt.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "empty":
+        ckpt.write_bytes(b"")
+    else:
+        ckpt.write_text(json.dumps({"not": "a checkpoint"}))
+    for call in (lambda: read_checkpoint(ckpt), lambda: load_encoder(f"solo:{ckpt}")):
+        with pytest.raises(CheckpointError, match="is not a torch checkpoint"):
+            call()
+
+
+def test_missing_storage_entry(tmp_path):
+    src = tmp_path / "full.pt"
+    torch.save({"w": torch.ones(3), "ns": argparse.Namespace()}, src)
+    dst = tmp_path / "holed.pt"
+    rewrite_zip(src, dst, {f"{zip_prefix(src)}/data/0": None})
+    with pytest.raises(CheckpointError, match=r"storage '.*/data/0' is missing from the archive"):
+        read_checkpoint(dst)
+
+
+def test_legacy_format(tmp_path):
+    plain = tmp_path / "legacy-plain.pt"
+    torch.save({"w": torch.ones(2)}, plain, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_checkpoint(plain)["w"], torch.ones(2))  # torch's weights-only loader reads it
+
+    rich = tmp_path / "legacy-rich.pt"
+    torch.save({"w": torch.ones(2), "ns": argparse.Namespace()}, rich, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="legacy .* re-save it with a recent torch"):
+        read_checkpoint(rich)
+
+
+def test_state_dict_helpers():
+    t = torch.zeros(1)
+    wrapped = {"model": {"state_dict": {"a.b": t, "a.c": t, "n": 3}}, "epoch": 1}
+    assert list(tensor_dict(wrapped, "x")) == ["a.b", "a.c"]
+    assert key_prefixes(["backbone.x", "backbone.y", "queue", "head.z"]) == ["backbone.*", "queue", "head.*"]
+    assert extract_state_dict({"encoder.w": t, "q": t}, ["backbone.", "encoder."], "x") == (
+        "encoder.",
+        {"w": t},
+    )
+    with pytest.raises(CheckpointError, match=r"has no 'backbone\.\*' keys; found: model\.\*, head\.\*"):
+        extract_state_dict({"model.w": t, "head.b": t}, ["backbone."], "checkpoint x.ckpt")
+    with pytest.raises(CheckpointError, match="contains no tensors"):
+        tensor_dict({"epoch": 1}, "x")
+
+
+def test_plain_files_go_through_torchs_weights_only_loader(tmp_path, monkeypatch):
+    import genaf.encoders.safe_load as safe_load
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the restricted reader should not be needed for a plain state dict")
+
+    monkeypatch.setattr(safe_load, "_restricted_load", boom)
+    ckpt = tmp_path / "plain.pt"
+    torch.save({"w": torch.ones(2)}, ckpt)
+    assert torch.equal(read_checkpoint(ckpt)["w"], torch.ones(2))
+
+
+def test_globals_other_libraries_allow_in_torch_load_are_not_trusted(tmp_path):
+    ckpt = tmp_path / "ns.pt"
+    torch.save({"w": torch.ones(2), "ns": argparse.Namespace(a=1)}, ckpt)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        assert isinstance(torch.load(ckpt, weights_only=True)["ns"], argparse.Namespace)
+        out = read_checkpoint(ckpt)
+    assert isinstance(out["ns"], InertGlobal) and out["ns"].state == {"a": 1}

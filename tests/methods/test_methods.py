@@ -1,0 +1,187 @@
+"""Smoke tests that check the invariants of each method on tiny real data."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from genaf.api import finetune
+from genaf.errors import ConfigError, SpecError
+from genaf.methods.base import create_method
+from genaf.methods.genaf import Stage1
+from genaf.models import DownstreamModel, load_model
+
+TINY_TRAIN = {"batch_size": 64, "n_val_robust": 32, "val_steps": 1, "augment": False}
+TINY_DATA = {"n_train": 192, "n_val": 96, "n_test": 96}
+
+
+def _run(tmp_path, method, tiny_data, **mc):
+    out = tmp_path / method
+    m = finetune(
+        "random:demo",
+        "fashion-mnist",
+        method,
+        out,
+        method_config=mc,
+        train=dict(TINY_TRAIN),
+        data=dict(TINY_DATA),
+        datamodule=tiny_data,
+        log=lambda *_: None,
+    )
+    return out, m
+
+
+def test_sft_trains_every_parameter(tmp_path, tiny_data):
+    out, m = _run(tmp_path, "sft", tiny_data, epochs=1)
+    model = load_model(out)
+    start = torch.load(out / "checkpoint.pt", weights_only=True)["artifacts"]["reference_encoder"]
+    changed = [
+        k for k, v in model.encoder.state_dict().items() if v.is_floating_point() and not torch.equal(v, start[k])
+    ]
+    assert len(changed) == len([k for k, v in start.items() if v.is_floating_point()])
+    assert 0 <= m["clean_acc"] <= 1 and "pgd10-wb" in m["robust_acc"]
+    for f in ("model.safetensors", "model.json", "config.yaml", "metrics.json", "history.json"):
+        assert (out / f).is_file()
+
+
+def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data):
+    out, m = _run(
+        tmp_path,
+        "genaf",
+        tiny_data,
+        epochs=1,
+        attack_steps=1,
+        warmup_epochs=0,
+        stage2_epochs=1,
+        probe_size=32,
+        sensitivity_steps=2,
+        evolution=False,
+        stage2_k=3,
+    )
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    before = ckpt["artifacts"]["stage1_state"]
+    after = load_model(out).state_dict()
+    sens = json.loads((out / "sensitivity.json").read_text())
+    selected = sens["selected"]
+    assert len(selected) == 3 and len(sens["sensitivity"]) == 23  # 20 convs + 3 head linears
+    # the selected layers are the 3 with the lowest robust sensitivity
+    ranked = sorted(sens["sensitivity"], key=lambda k: sens["sensitivity"][k])
+    assert set(selected) == set(ranked[:3])
+    sel_params = {f"{n}.{p}" for n in selected for p in ("weight", "bias")}
+    model = DownstreamModel.__new__(DownstreamModel)  # noqa: F841 (only names are needed below)
+    for k, v in after.items():
+        if k in sel_params and k.endswith("weight"):
+            assert not torch.equal(v, before[k]), f"selected {k} did not change"
+        elif k not in sel_params:
+            assert torch.equal(v, before[k]), f"{k} changed in stage 2 but is not selected"
+    bn_buffers = [k for k in after if "running_" in k or "num_batches_tracked" in k]
+    assert bn_buffers and all(torch.equal(after[k], before[k]) for k in bn_buffers)
+
+
+def test_attack_leaves_no_parameter_gradient(tiny_data, tiny_encoder):
+    model = DownstreamModel(tiny_encoder, 10)
+    model.train()
+    stage = Stage1(create_method("at").cfg, 1, name="at")
+    x = tiny_data.train.float_images()[:16]
+    y = tiny_data.train.labels[:16]
+
+    class Ctx:
+        seed = 0
+
+    xa = stage.attack(model, x, y, Ctx())
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training and all(m.training for m in model.modules())  # modes restored
+    assert (xa - x).abs().max() <= 8 / 255 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+
+
+def test_genaf_roles_and_options_are_validated():
+    with pytest.raises(ConfigError):
+        create_method("genaf", space="logits", target="pretrained")
+    with pytest.raises(ConfigError):
+        create_method("genaf", lamda=3)
+    with pytest.raises(SpecError):
+        create_method("gen-af")
+    ref = create_method(
+        "genaf",
+        lam=20.0,
+        reduction="sum",
+        space="logits",
+        student="clean",
+        target="adversarial",
+        detach_target=False,
+        detach_weights=False,
+    )
+    assert ref.cfg["lam"] == 20.0
+
+
+@pytest.mark.parametrize(
+    "roles",
+    [
+        {"space": "logits", "student": "clean", "target": "adversarial", "detach_target": False, "reduction": "sum"},
+        {"space": "features", "student": "adversarial", "target": "pretrained", "reduction": "mean"},
+        {"space": "features", "student": "adversarial", "target": "clean", "forward": "concat"},
+    ],
+)
+def test_stage1_step_roles(tiny_data, tiny_encoder, roles):
+    import copy
+
+    cfg = create_method("genaf-stage1", attack_steps=1, lam=1.0, **roles).cfg
+    model = DownstreamModel(tiny_encoder, 10).train()
+    stage = Stage1(cfg, 1)
+
+    class Ctx:
+        seed = 0
+        reference_encoder = copy.deepcopy(tiny_encoder).eval()
+
+    x, y = tiny_data.train.float_images()[:16], tiny_data.train.labels[:16]
+    losses = stage.step(model, x, y, Ctx())
+    assert set(losses) >= {"loss", "ce_adv", "genetic"}
+    assert torch.isfinite(losses["loss"]) and float(losses["genetic"]) >= 0
+    losses["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+def test_resume_after_a_crash_gives_the_same_metrics(tmp_path, tiny_data, monkeypatch):
+    mc = dict(epochs=2, attack_steps=1, warmup_epochs=0, stage2_epochs=1, probe_size=32, sensitivity_steps=1)
+    _, full = _run(tmp_path / "a", "genaf", tiny_data, **mc)
+
+    from genaf import train as train_mod
+
+    real = train_mod.Trainer._save
+    calls = {"n": 0}
+
+    def crashing_save(self, *a, **k):
+        real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 1:  # right after the first epoch's checkpoint
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(train_mod.Trainer, "_save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", "genaf", tiny_data, **mc)
+    monkeypatch.setattr(train_mod.Trainer, "_save", real)
+    out = tmp_path / "b" / "genaf"
+    resumed = finetune(
+        "random:demo",
+        "fashion-mnist",
+        "genaf",
+        out,
+        method_config=mc,
+        train=dict(TINY_TRAIN),
+        data=dict(TINY_DATA),
+        datamodule=tiny_data,
+        resume=True,
+        log=lambda *_: None,
+    )
+    assert resumed["clean_acc"] == full["clean_acc"]
+    assert resumed["robust_acc"] == full["robust_acc"]
+    a = load_model(tmp_path / "a" / "genaf").state_dict()
+    b = load_model(out).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mlp_head_shape(tiny_encoder):
+    model = DownstreamModel(tiny_encoder, 7)
+    lin = [m for m in model.head if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in lin] == [(128, 128), (128, 128), (128, 7)]
