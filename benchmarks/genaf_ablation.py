@@ -44,11 +44,19 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "feat-pre-l10": ("genaf-stage1", {**FEAT, "lam": 10.0}),
     "feat-pre-l100": ("genaf-stage1", {**FEAT, "lam": 100.0}),
     "feat-pre-l1000": ("genaf-stage1", {**FEAT, "lam": 1000.0}),
+    "feat-pre-l1e4": ("genaf-stage1", {**FEAT, "lam": 1e4}),
+    "feat-pre-l1e5": ("genaf-stage1", {**FEAT, "lam": 1e5}),
+    "feat-pre-l1e6": ("genaf-stage1", {**FEAT, "lam": 1e6}),
+    "feat-pre-l1e5-nodetach": ("genaf-stage1", {**FEAT, "lam": 1e5, "detach_weights": False}),
+    "feat-clean-l1e5": ("genaf-stage1", {**FEAT, "target": "clean", "lam": 1e5}),
+    "logits-mean-l1e4": ("genaf-stage1", {"space": "logits", "student": "clean", "target": "adversarial",
+                                          "reduction": "mean", "lam": 1e4, "detach_target": False}),
+    "at-cleanfwd": ("genaf-stage1", {"lam": 0.0, "clean_forward": True}),
     "feat-clean-l100": ("genaf-stage1", {**FEAT, "target": "clean", "lam": 100.0}),
     "at+stage2": ("genaf", {"lam": 0.0}),
-    "at+stage2-noevo": ("genaf", {"lam": 0.0, "evolution": False}),
-    "genaf-default": ("genaf", {}),
-    "genaf-noevo": ("genaf", {"evolution": False}),
+    "at+stage2+evo": ("genaf", {"lam": 0.0, "evolution": True}),
+    "genaf": ("genaf", {}),
+    "genaf+evo": ("genaf", {"evolution": True}),
 }
 ORDER = ["ssp-universal", "l4a-base", "uniform-noise", "pgd10-wb"]
 
@@ -59,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--reeval", action="store_true", help="re-evaluate finished runs with the current perturbations")
     a = ap.parse_args(argv)
     out = Path(a.out)
     s = SETTINGS["full"]
@@ -102,6 +111,8 @@ def main(argv=None) -> int:
                 )
                 evaluate(run, perts, datamodule=data, device=str(dev))
                 print(f"{name} seed {seed}: {time.time() - t0:.0f}s", file=sys.stderr)
+            elif a.reeval:
+                evaluate(run, perts, datamodule=data, device=str(dev))
             m = json.loads((run / "metrics.json").read_text())
             dae = [m["robust_acc"][k] for k in ("ssp-universal", "l4a-base")]
             rows.append(

@@ -71,7 +71,13 @@ def parse_assignments(items: list[str] | None) -> dict:
             raise ConfigError(f"option '{item}' must look like key=value")
         k, v = item.split("=", 1)
         try:
-            out[k.strip()] = yaml.safe_load(v)
+            val = yaml.safe_load(v)
         except yaml.YAMLError as exc:
             raise ConfigError(f"cannot read the value of '{item}'") from exc
+        if isinstance(val, str):  # YAML 1.1 reads '1e5' as a string
+            try:
+                val = float(val) if "/" not in val else val
+            except ValueError:
+                pass
+        out[k.strip()] = val
     return out

@@ -70,6 +70,12 @@ def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "a
         f"demo: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images; "
         f"{len(sur)} disjoint surrogate images; DAE eps = 16/255"
     )
+    quality = encoder_quality(enc, data, seed)
+    log(
+        f"demo encoder on this split: k-NN {100 * quality['knn_acc']:.1f}% (random weights "
+        f"{100 * quality['knn_acc_random_init']:.1f}%), linear probe {100 * quality['linear_probe_acc']:.1f}% "
+        f"(random weights {100 * quality['linear_probe_acc_random_init']:.1f}%)"
+    )
     perts = craft_demo_perturbations(enc, data, s, out / "perturbations", dev, seed, quick, log)
     results = {}
     for method in METHODS:
@@ -118,6 +124,11 @@ def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "a
         "fine-tuned model (stronger than the threat model).",
         "Training PGD: ε = 8/255, step 2/255. Accuracies in percent; weight drift = ‖θ−θ0‖/‖θ0‖ of the encoder.",
         "",
+        f"Encoder quality on this split (test accuracy of a k-NN (k=20) / linear probe on frozen features, "
+        f"trained on the {len(data.train)} training images): pre-trained {100 * quality['knn_acc']:.1f} / "
+        f"{100 * quality['linear_probe_acc']:.1f}, same architecture with random weights "
+        f"{100 * quality['knn_acc_random_init']:.1f} / {100 * quality['linear_probe_acc_random_init']:.1f}.",
+        "",
         table,
         "",
         f"Wall time: {seconds:.0f} s{' (quick setting: not the protocol)' if quick else ''}.",
@@ -130,6 +141,7 @@ def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "a
             "dae_eps": DAE_EPS,
             "seed": seed,
             "seconds": round(seconds, 1),
+            "encoder_quality": quality,
             "results": {m: {"clean_acc": r["clean_acc"], "robust_acc": r["robust_acc"]} for m, r in results.items()},
         },
     )
@@ -167,3 +179,19 @@ def craft_demo_perturbations(enc, data, s: dict, folder: Path, dev, seed: int, q
         )
         save_perturbation_images(perts[name], data.test.subset(8), path)
     return perts
+
+
+def encoder_quality(enc, data, seed: int = 0) -> dict:
+    """k-NN and linear-probe test accuracy of the encoder and of random weights, on the demo split."""
+    from .encoders.base import Encoder
+    from .encoders.resnet import build_backbone
+    from .pretrain import knn_accuracy, linear_probe_accuracy
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rand = Encoder(build_backbone(enc.meta), dict(enc.meta)).eval()
+    out = {}
+    for key, e in (("", enc), ("_random_init", rand)):
+        out[f"knn_acc{key}"] = knn_accuracy(e, data.train, data.test)
+        out[f"linear_probe_acc{key}"] = linear_probe_accuracy(e, data.train, data.test, epochs=20, seed=seed)
+    return out

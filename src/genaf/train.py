@@ -10,8 +10,8 @@ uninterrupted run would have done.
 from __future__ import annotations
 
 import contextlib
-import functools
 import copy
+import functools
 import math
 import signal
 import sys

@@ -51,8 +51,29 @@ def create_method(name: str, **cfg: Any) -> Method:
         hints = "".join(did_you_mean(b, defaults) for b in bad)
         raise ConfigError(f"method {name} has no option(s) {bad}{hints}; its options: {', '.join(sorted(defaults))}")
     merged = dict(defaults)
-    merged.update({k: v for k, v in cfg.items() if v is not None})
+    merged.update({k: _coerce(name, k, v, defaults[k]) for k, v in cfg.items() if v is not None})
     return cls(merged)
+
+
+def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
+    """Give an option the type of its default (YAML and --set may hand over '1e5' or 3 for 3.0)."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"method {method}: option {key} must be true or false, got {value!r}")
+    if isinstance(default, (int, float)):
+        from ..utils import parse_fraction
+
+        try:
+            num = parse_fraction(value) if isinstance(value, str) else float(value)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise ConfigError(f"method {method}: option {key} must be a number, got {value!r}") from exc
+        if isinstance(default, int) and not isinstance(default, bool):
+            if num != int(num):
+                raise ConfigError(f"method {method}: option {key} must be a whole number, got {value!r}")
+            return int(num)
+        return num
+    return value
 
 
 @dataclass

@@ -21,9 +21,11 @@ from ..attacks.base import eval_mode
 from ..utils import generator
 
 
-def weight_units(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv2d/Linear module by full name (BatchNorm excluded)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+def weight_units(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The default selector: every Conv2d/Linear module's weight, by full module name
+    (BatchNorm excluded). Other selectors may return several tensors per unit (e.g. a ViT
+    block), which are then perturbed jointly under one Frobenius budget."""
+    return {n: [m.weight] for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
 @torch.no_grad()
@@ -38,7 +40,7 @@ def robust_sensitivity(
     model: nn.Module,
     probe_x: torch.Tensor,
     probe_y: torch.Tensor,
-    units: dict[str, nn.Module] | None = None,
+    units: dict[str, list[nn.Parameter]] | None = None,
     eta: float = 0.1,
     steps: int = 10,
     step_size: float = 0.5,
@@ -48,46 +50,51 @@ def robust_sensitivity(
 ) -> dict[str, float]:
     """The robust sensitivity dictionary ``{unit name: ρ}`` (see the module docstring).
 
-    ``step_size`` is the fraction of the radius ``η‖W‖_F`` moved per normalised ascent step.
-    Weights are restored bit-exactly after each unit.
+    ``units`` maps a name to the parameter tensors perturbed together (default: each
+    Conv2d/Linear weight). ``step_size`` is the fraction of the radius ``η‖W‖_F`` moved per
+    normalised ascent step. Weights are restored bit-exactly after each unit.
     """
     units = units if units is not None else weight_units(model)
     scores: dict[str, float] = {}
     with eval_mode(model):
         base = _mean_ce(model, probe_x, probe_y, batch_size)
-        for name, module in units.items():
-            w = module.weight
-            w0 = w.detach().clone()
-            radius = eta * float(w0.norm())
+        for name, params in units.items():
+            w0 = [p.detach().clone() for p in params]
+            radius = eta * float(torch.sqrt(sum(t.pow(2).sum() for t in w0)))
             g = generator(seed, f"sensitivity:{name}")
-            d = torch.randn(w0.shape, generator=g).to(w0) if radius > 0 else torch.zeros_like(w0)
-            d = d * (radius * 1e-3 / max(float(d.norm()), 1e-12))
+            d = [torch.randn(t.shape, generator=g).to(t) for t in w0]
+            dn = float(torch.sqrt(sum(t.pow(2).sum() for t in d)))
+            d = [t * (radius * 1e-3 / max(dn, 1e-12)) for t in d]
             best = base
             try:
                 for _ in range(steps):
-                    w.data.copy_(w0 + d)
-                    grad = torch.zeros_like(w0)
+                    for p, t0, dt in zip(params, w0, d):
+                        p.data.copy_(t0 + dt)
+                    grads = [torch.zeros_like(t) for t in w0]
                     total = 0.0
                     for i in range(0, len(probe_x), batch_size):
                         with torch.enable_grad():
                             loss = F.cross_entropy(
                                 model(probe_x[i : i + batch_size]), probe_y[i : i + batch_size], reduction="sum"
                             )
-                            (gi,) = torch.autograd.grad(loss, w)
-                        grad += gi
+                            gs = torch.autograd.grad(loss, params)
+                        for acc, gi in zip(grads, gs):
+                            acc += gi
                         total += float(loss.detach())
                     best = max(best, total / len(probe_x))
-                    gn = float(grad.norm())
+                    gn = float(torch.sqrt(sum(t.pow(2).sum() for t in grads)))
                     if gn == 0 or radius == 0:
                         break
-                    d = d + step_size * radius * grad / gn
-                    dn = float(d.norm())
+                    d = [dt + step_size * radius * gt / gn for dt, gt in zip(d, grads)]
+                    dn = float(torch.sqrt(sum(t.pow(2).sum() for t in d)))
                     if dn > radius:
-                        d = d * (radius / dn)
-                w.data.copy_(w0 + d)
+                        d = [dt * (radius / dn) for dt in d]
+                for p, t0, dt in zip(params, w0, d):
+                    p.data.copy_(t0 + dt)
                 best = max(best, _mean_ce(model, probe_x, probe_y, batch_size))
             finally:
-                w.data.copy_(w0)
+                for p, t0 in zip(params, w0):
+                    p.data.copy_(t0)
             scores[name] = best - base
             if log:
                 log(f"  sensitivity {name:<28s} rho={scores[name]:.4f}")

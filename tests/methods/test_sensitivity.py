@@ -1,0 +1,44 @@
+import torch
+from torch import nn
+
+from genaf.methods.sensitivity import robust_sensitivity, select_redundant, weight_units
+
+
+class TwoPath(nn.Module):
+    """``live`` decides the output; ``dead``'s output is multiplied by zero, so no
+    perturbation of its weights can change the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = nn.Linear(4, 3)
+        self.dead = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.live(x)) + 0.0 * self.dead(x)
+
+
+def test_dead_layer_scores_zero_and_is_selected_first():
+    torch.manual_seed(0)
+    model = TwoPath().train()
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = robust_sensitivity(model, x, y, eta=0.1, steps=5)
+    assert set(scores) == {"live", "dead"}
+    assert scores["dead"] == 0.0
+    assert scores["live"] > 1e-3  # a 10 % weight perturbation raises the loss
+    assert select_redundant(scores, 1) == ["dead"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored bit-exactly
+    assert model.training and model.drop.training  # modes restored
+
+
+def test_scores_are_deterministic_and_grow_with_eta():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    a = robust_sensitivity(model, x, y, eta=0.05, steps=4, seed=3)
+    b = robust_sensitivity(model, x, y, eta=0.05, steps=4, seed=3)
+    c = robust_sensitivity(model, x, y, eta=0.2, steps=4, seed=3)
+    assert a == b
+    assert all(c[k] >= a[k] for k in a) and all(v >= 0 for v in a.values())
+    assert list(weight_units(model)) == ["0", "2"]
