@@ -35,8 +35,9 @@ def test_pretrain_writes_a_loadable_encoder(tmp_path, tiny_data):
     from genaf.pretrain import pretrain
 
     for method in ("simclr", "byol"):
-        enc = pretrain(tiny_data.train, dict(DEMO_META, width=4), method=method, epochs=1, batch_size=64,
-                       log=lambda *_: None)
+        enc = pretrain(
+            tiny_data.train, dict(DEMO_META, width=4), method=method, epochs=1, batch_size=64, log=lambda *_: None
+        )
         path = tmp_path / f"{method}.safetensors"
         save_encoder(enc, path)
         again = load_encoder(f"file:{path}")
@@ -62,8 +63,17 @@ def test_yaml_config_unknown_key_and_resolved_config(tmp_path, capsys, tiny_data
     assert main(["finetune", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "did you mean 'method'" in capsys.readouterr().err
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump({"encoder": "random:demo", "method": "sft", "data": {"n_train": 128, "n_val": 64,
-                                    "n_test": 64}, "method_config": {"epochs": 1}, "train": {"batch_size": 64}}))
+    good.write_text(
+        yaml.safe_dump(
+            {
+                "encoder": "random:demo",
+                "method": "sft",
+                "data": {"n_train": 128, "n_val": 64, "n_test": 64},
+                "method_config": {"epochs": 1},
+                "train": {"batch_size": 64},
+            }
+        )
+    )
     out = tmp_path / "r2"
     assert main(["finetune", "--config", str(good), "--out", str(out), "--device", "cpu"]) == 0
     cfg = yaml.safe_load((out / "config.yaml").read_text())
@@ -81,4 +91,7 @@ def test_config_resolution_errors():
     with pytest.raises(ConfigError):
         resolve({"data": {"n_trian": 3}})
     assert parse_assignments(["lam=1e5", "space=features", "evolution=false"]) == {
-        "lam": 1e5, "space": "features", "evolution": False}
+        "lam": 1e5,
+        "space": "features",
+        "evolution": False,
+    }
