@@ -7,7 +7,7 @@ import torch
 from ..utils import generator
 from .base import register_attack
 from .perturbation import Perturbation
-from .universal import UniversalAttack, encoder_hash
+from .universal import UniversalAttack
 
 
 @register_attack("uniform-noise")
@@ -19,14 +19,4 @@ class UniformNoise(UniversalAttack):
         c, h, w = data.images.shape[1:]
         delta = (torch.rand((1, c, h, w), generator=gen) * 2 - 1) * self.eps
         self.seconds, self.history = 0.0, []
-        return Perturbation(
-            delta=delta,
-            kind="additive",
-            eps=self.eps,
-            attack=self.name,
-            config=dict(self.cfg, preset=self.preset),
-            encoder_hash=encoder_hash(self.encoder),
-            encoder_source=str(getattr(self.encoder, "meta", {}).get("source", "")),
-            surrogate=surrogate,
-            seed=self.seed,
-        )
+        return self.perturbation(delta, surrogate)

@@ -72,6 +72,10 @@ class UniversalAttack:
         self.history = history
         if log:
             log(f"{self.name}: objective {history[0]:.4g} -> {history[-1]:.4g} in {self.seconds:.1f}s")
+        return self.perturbation(delta, surrogate)
+
+    def perturbation(self, delta: torch.Tensor, surrogate: str = "") -> Perturbation:
+        """Wrap a fitted δ with everything needed to reproduce and audit it."""
         return Perturbation(
             delta=delta.detach().cpu(),
             kind="additive",

@@ -156,6 +156,14 @@ class Method:
         raise NotImplementedError
 
 
+def two_track_groups(model: nn.Module, cfg: dict) -> list[ParamGroup]:
+    """The dual track of METHOD.md §3: one optimiser for the encoder, one for the head."""
+    return [
+        ParamGroup("encoder", encoder_params(model), cfg["encoder_lr"], cfg["weight_decay"], cfg["gamma"]),
+        ParamGroup("head", head_params(model), cfg["head_lr"], cfg["weight_decay"], cfg["gamma"]),
+    ]
+
+
 def encoder_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.encoder.parameters()]
 

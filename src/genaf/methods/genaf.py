@@ -12,7 +12,7 @@ from torch import nn
 from ..attacks.whitebox import pgd
 from ..errors import ConfigError
 from ..utils import check_eps, generator
-from .base import Method, ParamGroup, Stage, encoder_params, head_params, register_method
+from .base import Method, ParamGroup, Stage, head_params, register_method, two_track_groups
 from .genetic import genetic_regularizer
 from .sensitivity import robust_sensitivity, select_redundant, weight_units
 
@@ -113,11 +113,7 @@ class Stage1(Stage):
         self._gen = None
 
     def param_groups(self, model):
-        c = self.cfg
-        return [
-            ParamGroup("encoder", encoder_params(model), c["encoder_lr"], c["weight_decay"], c["gamma"]),
-            ParamGroup("head", head_params(model), c["head_lr"], c["weight_decay"], c["gamma"]),
-        ]
+        return two_track_groups(model, self.cfg)
 
     def attack(self, model, x, y, ctx):
         c = self.cfg

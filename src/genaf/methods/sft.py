@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .base import Method, ParamGroup, Stage, encoder_params, head_params, register_method
+from .base import Method, Stage, register_method, two_track_groups
 
 
 class CleanStage(Stage):
@@ -12,11 +12,7 @@ class CleanStage(Stage):
     select = "clean"
 
     def param_groups(self, model):
-        c = self.cfg
-        return [
-            ParamGroup("encoder", encoder_params(model), c["encoder_lr"], c["weight_decay"], c["gamma"]),
-            ParamGroup("head", head_params(model), c["head_lr"], c["weight_decay"], c["gamma"]),
-        ]
+        return two_track_groups(model, self.cfg)
 
     def step(self, model, x, y, ctx):
         return {"loss": F.cross_entropy(model(x), y)}
