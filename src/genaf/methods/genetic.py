@@ -22,7 +22,6 @@ batch it receives (a per-process batch or a gathered one) and needs n ≥ 2.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 
@@ -32,7 +31,10 @@ EPS = 1e-7
 def shifted_cosine_distance(z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Steps 2–3: row-normalise, cosine distance, subtract each row's off-diagonal minimum,
     zero the diagonal, clamp to ``[eps, 2 − eps]``. Returns (n, n)."""
-    zn = F.normalize(z, dim=1, eps=1e-12)  # zero rows stay zero
+    norm = z.norm(dim=1, keepdim=True)
+    # exact unit rows for any positive norm (so the result is invariant to rescaling a row);
+    # zero rows stay zero, and the safe denominator keeps their gradient finite
+    zn = z / torch.where(norm > 0, norm, torch.ones_like(norm))
     d = 1.0 - zn @ zn.t()
     n = d.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=d.device)
