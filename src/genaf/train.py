@@ -40,7 +40,6 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"  # "none" | "bf16"
     channels_last: bool = False
-    compile: bool = False
     augment: bool = True
     n_val_robust: int = 512  # validation images attacked each epoch for model selection
     val_eps: float = 8 / 255
@@ -289,7 +288,7 @@ class Trainer:
                 **val,
             }
             self.history.append(row)
-            self.log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             if best is None or score >= best["score"]:
                 best = {
                     "score": score,

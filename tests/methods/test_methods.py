@@ -185,3 +185,21 @@ def test_mlp_head_shape(tiny_encoder):
     model = DownstreamModel(tiny_encoder, 7)
     lin = [m for m in model.head if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in lin] == [(128, 128), (128, 128), (128, 7)]
+
+
+def test_bf16_autocast_and_channels_last_paths_run_on_cpu(tmp_path, tiny_data):
+    out = tmp_path / "bf16"
+    m = finetune(
+        "random:demo",
+        "fashion-mnist",
+        "genaf",
+        out,
+        method_config=dict(
+            epochs=1, attack_steps=1, warmup_epochs=0, stage2_epochs=1, probe_size=32, sensitivity_steps=1
+        ),
+        train=dict(TINY_TRAIN, amp="bf16", channels_last=True),
+        data=dict(TINY_DATA),
+        datamodule=tiny_data,
+        log=lambda *_: None,
+    )
+    assert 0 <= m["clean_acc"] <= 1 and all(torch.isfinite(v).all() for v in load_model(out).state_dict().values())
