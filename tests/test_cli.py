@@ -44,6 +44,20 @@ def run(capsys, *args):
             "unknown attack",
         ),
         (["evaluate", "--model", "{tmp}/nothing"], "not a genaf run directory"),
+        (
+            [
+                "attack",
+                "--encoder",
+                "random:demo",
+                "--attack",
+                "embedding-pgd",
+                "--eps",
+                "8/255",
+                "--out",
+                "{tmp}/p.pt",
+            ],
+            "per-sample",
+        ),
     ],
 )
 def test_bad_input_exit_2(capsys, tmp_path, args, needle):

@@ -162,6 +162,11 @@ def craft(
     dev = resolve_device(device)
     enc = enc.to(dev)
     att = create_attack(attack, enc, preset=preset, eps=eps, seed=seed, **cfg)
+    if not hasattr(att, "fit"):
+        raise ConfigError(
+            f"attack '{attack}' is per-sample (it perturbs each image on its own): it has no universal "
+            "perturbation to craft; choose a universal attack"
+        )
     pert = att.fit(surrogate, device=dev, surrogate=surrogate_name, log=log)
     pert.config["seconds"] = round(getattr(att, "seconds", 0.0), 2)
     if out is not None:

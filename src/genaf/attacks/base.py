@@ -48,7 +48,7 @@ def create_attack(name: str, encoder: nn.Module, preset: str = "cpu", **cfg: Any
 
 
 def _import_all() -> None:
-    from . import l4a, noise, ssp  # noqa: F401  (registration side effects)
+    from . import fff, l4a, l4a_variants, noise, per_sample, sgd_uap, ssp, std  # noqa: F401  (registration)
 
 
 @contextlib.contextmanager
