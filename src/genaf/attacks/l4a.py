@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerTap, register_attack
+from .base import register_attack
 from .universal import UniversalAttack
 
 
@@ -42,9 +42,5 @@ class L4ABase(UniversalAttack):
         },
     }
 
-    def __init__(self, encoder, preset="cpu", **cfg):
-        super().__init__(encoder, preset, **cfg)
-        self.tap = LayerTap(encoder, [cfg["layer"]])
-
     def objective(self, x_adv, x):
-        return l4a_objective(self.tap(x_adv)[self.cfg["layer"]])
+        return l4a_objective(self.layer_output(x_adv))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerTap, register_attack
+from .base import register_attack
 from .universal import UniversalAttack
 
 
@@ -53,11 +53,5 @@ class SGDUAP(UniversalAttack):
         },
     }
 
-    def __init__(self, encoder, preset="cpu", **cfg):
-        super().__init__(encoder, preset, **cfg)
-        layer = cfg.get("layer") or ""
-        self.tap = LayerTap(encoder, [layer]) if layer else None
-
     def objective(self, x_adv, x):
-        feats = self.encoder(x_adv) if self.tap is None else self.tap(x_adv)[self.cfg["layer"]]
-        return feature_norm(feats)
+        return feature_norm(self.layer_output(x_adv))

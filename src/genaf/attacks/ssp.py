@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerTap, register_attack
+from .base import register_attack
 from .universal import UniversalAttack
 
 
@@ -42,17 +42,7 @@ class SSPUniversal(UniversalAttack):
         },
     }
 
-    def __init__(self, encoder, preset="cpu", **cfg):
-        super().__init__(encoder, preset, **cfg)
-        layer = cfg.get("layer") or ""
-        self.tap = LayerTap(encoder, [layer]) if layer else None
-
-    def _feat(self, x):
-        if self.tap is None:
-            return self.encoder(x)
-        return self.tap(x)[self.cfg["layer"]]
-
     def objective(self, x_adv, x):
         with torch.no_grad():
-            clean = self._feat(x)
-        return feature_distortion(self._feat(x_adv), clean)
+            clean = self.layer_output(x)
+        return feature_distortion(self.layer_output(x_adv), clean)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerTap, register_attack
+from .base import register_attack
 from .universal import UniversalAttack
 
 
@@ -51,9 +51,5 @@ class StdAttack(UniversalAttack):
         },
     }
 
-    def __init__(self, encoder, preset="cpu", **cfg):
-        super().__init__(encoder, preset, **cfg)
-        self.tap = LayerTap(encoder, [cfg["layer"]])
-
     def objective(self, x_adv, x):
-        return -dispersion(self.tap(x_adv)[self.cfg["layer"]])
+        return -dispersion(self.layer_output(x_adv))

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..data import ImageSet
 from ..utils import check_eps, generator, tensor_hash
-from .base import eval_mode, input_grad
+from .base import LayerTap, eval_mode, input_grad
 from .perturbation import Perturbation
 
 
@@ -35,6 +35,14 @@ class UniversalAttack:
         self.cfg = cfg
         self.eps = check_eps(cfg["eps"])
         self.seed = int(cfg.get("seed", 0))
+        layer = cfg.get("layer") or ""
+        self.tap = LayerTap(encoder, [layer]) if layer else None
+
+    def layer_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the ``layer`` option's module (the encoder's features when it is '')."""
+        if self.tap is None:
+            return self.encoder(x)
+        return self.tap(x)[self.cfg["layer"]]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.cfg.items())})"
