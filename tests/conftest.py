@@ -24,3 +24,12 @@ def tiny_encoder():
     from genaf.encoders import load_encoder
 
     return load_encoder("random:demo")
+
+try:  # property tests explore new examples locally, and replay a fixed set in CI
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        _hyp_settings.load_profile("ci")
+except ImportError:  # hypothesis is a dev extra
+    pass

@@ -116,3 +116,14 @@ def test_bad_inputs():
         genetic_regularizer(
             torch.randn(3, 3), torch.randn(3, 3), torch.tensor([0, 1, 2]), torch.zeros(3), reduction="max"
         )
+
+
+def test_tiny_rows_keep_their_direction_in_float64():
+    # regression: rows with a norm below float32's range must not be flushed to zero rows
+    # (found by the rescaling property test: a 1.4e-45 row and its half gave 0.135 vs 0.0)
+    a = torch.tensor([[1.4013e-45], [0.0], [1.0]], dtype=torch.float64)
+    b = torch.zeros(3, 1, dtype=torch.float64)
+    y, s = torch.tensor([0, 0, 0]), torch.zeros(3, dtype=torch.float64)
+    k = torch.tensor([[0.5], [1.0], [1.0]], dtype=torch.float64)
+    base, scaled = genetic_regularizer(a, b, y, s), genetic_regularizer(a * k, b, y, s)
+    assert base.dtype == torch.float64 and torch.allclose(base, scaled)

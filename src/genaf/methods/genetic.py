@@ -74,9 +74,11 @@ def genetic_regularizer(
         )
     if reduction not in ("sum", "mean"):
         raise ConfigError(f"reduction must be 'sum' or 'mean', got '{reduction}'")
-    student, target = student.float(), target.float()
-    w = torch.tanh((weights.float()[:, None] + weights.float()[None, :]) / 32.0)
-    m = (labels[:, None] != labels[None, :]).float() * 2.0 - 1.0
+    # at least float32 (bf16/fp16 activations under autocast are promoted); float64 stays float64
+    dtype = torch.promote_types(torch.promote_types(student.dtype, target.dtype), torch.float32)
+    student, target, weights = student.to(dtype), target.to(dtype), weights.to(dtype)
+    w = torch.tanh((weights[:, None] + weights[None, :]) / 32.0)
+    m = (labels[:, None] != labels[None, :]).to(dtype) * 2.0 - 1.0
     delta = 2.0 * m * w
     s_a = 1.0 - shifted_cosine_distance(student, eps)
     d_b = shifted_cosine_distance(target, eps)
