@@ -166,7 +166,10 @@ def cmd_attack(a) -> int:
     out = Path(a.out)
     enc = api.load_encoder(a.encoder)
     dm = load_dataset(a.surrogate, root=a.data_root, image_size=a.image_size or None, seed=a.seed or 0)
-    sur = dm.surrogate(a.n_surrogate) if len(dm.surrogate_pool) else dm.train.subset(a.n_surrogate)
+    if len(dm.surrogate_pool):
+        sur, where = dm.surrogate(a.n_surrogate), "surrogate pool"
+    else:  # every training image is in train/val: the attacker's data is the training split
+        sur, where = dm.train.subset(a.n_surrogate), "training split"
     pert = api.craft(
         enc,
         a.attack,
@@ -175,7 +178,7 @@ def cmd_attack(a) -> int:
         preset=a.preset,
         seed=a.seed or 0,
         device=a.device or "auto",
-        surrogate_name=f"{a.surrogate}:surrogate-pool[{len(sur)}]",
+        surrogate_name=f"{a.surrogate} {where} ({len(sur)} images)",
         out=out,
         log=print,
         **parse_assignments(a.sets),
