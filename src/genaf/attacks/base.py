@@ -114,3 +114,32 @@ def input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """d loss / d x only: no gradient ever lands in a parameter."""
     (g,) = torch.autograd.grad(loss, x, only_inputs=True)
     return g
+
+
+class EncoderAttack:
+    """What every attack on an encoder shares: its options (``cfg``), the budget ``eps`` in
+    pixel units, the ``seed``, and the output of the ``layer`` option (the encoder's features
+    when it is empty or absent)."""
+
+    name = "attack"
+    presets: dict[str, dict[str, Any]] = {}
+
+    def __init__(self, encoder: nn.Module, preset: str = "cpu", **cfg: Any) -> None:
+        from ..utils import check_eps
+
+        self.encoder = encoder
+        self.preset = preset
+        self.cfg = cfg
+        self.eps = check_eps(cfg["eps"])
+        self.seed = int(cfg.get("seed", 0))
+        self.layer = str(cfg.get("layer") or "")
+        self.tap = LayerTap(encoder, [self.layer]) if self.layer else None
+
+    def layer_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the ``layer`` option's module (the encoder's features when it is '')."""
+        if self.tap is None:
+            return self.encoder(x)
+        return self.tap(x)[self.layer]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.cfg.items())})"

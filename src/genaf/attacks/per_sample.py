@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..utils import check_eps, generator
-from .base import LayerTap, eval_mode, input_grad, register_attack
+from ..utils import generator
+from .base import EncoderAttack, eval_mode, input_grad, register_attack
 from .ssp import feature_distortion
 
 LOSSES = ("l2", "cos")
@@ -41,7 +41,7 @@ def embedding_objective(adv: torch.Tensor, clean: torch.Tensor, loss: str = "l2"
     raise ConfigError(f"loss '{loss}' is not one of {LOSSES}")
 
 
-class PerSampleAttack:
+class PerSampleAttack(EncoderAttack):
     """PGD-L∞ with sign steps on each image of a batch, maximising ``objective`` on the encoder.
 
     Options: ``eps`` (pixel units, in (0, 1]), ``step`` (per sign step), ``steps``,
@@ -51,13 +51,9 @@ class PerSampleAttack:
     """
 
     name = "per-sample"
-    presets: dict[str, dict[str, Any]] = {}
 
     def __init__(self, encoder: nn.Module, preset: str = "cpu", **cfg: Any) -> None:
-        self.encoder = encoder
-        self.preset = preset
-        self.cfg = cfg
-        self.eps = check_eps(cfg["eps"])
+        super().__init__(encoder, preset, **cfg)
         self.step = float(cfg["step"])
         if not self.step > 0:
             raise ConfigError(f"step must be positive, got {cfg['step']!r}")
@@ -65,19 +61,11 @@ class PerSampleAttack:
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {cfg['steps']!r}")
         self.random_start = bool(cfg.get("random_start", True))
-        self.layer = str(cfg.get("layer") or "")
-        self.seed = int(cfg.get("seed", 0))
-        self.tap = LayerTap(encoder, [self.layer]) if self.layer else None
         self.history: list[float] = []
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.cfg.items())})"
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The representation the objective compares: the tapped layer, or the encoder output."""
-        if self.tap is None:
-            return self.encoder(x)
-        return self.tap(x)[self.layer]
+        return self.layer_output(x)
 
     def loss(self, adv: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

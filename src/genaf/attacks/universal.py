@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..data import ImageSet
-from ..utils import check_eps, generator, tensor_hash
-from .base import LayerTap, eval_mode, input_grad
+from ..utils import generator, tensor_hash
+from .base import EncoderAttack, eval_mode, input_grad
 from .perturbation import Perturbation
 
 
@@ -18,7 +17,7 @@ def encoder_hash(encoder: nn.Module) -> str:
     return tensor_hash({k: v for k, v in encoder.state_dict().items()})
 
 
-class UniversalAttack:
+class UniversalAttack(EncoderAttack):
     """Sign-gradient ascent on one shared δ (‖δ‖∞ ≤ ε) over batches of surrogate images.
 
     Subclasses implement ``objective(x_adv, x) -> scalar`` (to maximise). ``fit`` returns a
@@ -27,25 +26,6 @@ class UniversalAttack:
     """
 
     name = "universal"
-    presets: dict[str, dict[str, Any]] = {}
-
-    def __init__(self, encoder: nn.Module, preset: str = "cpu", **cfg: Any) -> None:
-        self.encoder = encoder
-        self.preset = preset
-        self.cfg = cfg
-        self.eps = check_eps(cfg["eps"])
-        self.seed = int(cfg.get("seed", 0))
-        layer = cfg.get("layer") or ""
-        self.tap = LayerTap(encoder, [layer]) if layer else None
-
-    def layer_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The output of the ``layer`` option's module (the encoder's features when it is '')."""
-        if self.tap is None:
-            return self.encoder(x)
-        return self.tap(x)[self.cfg["layer"]]
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.cfg.items())})"
 
     def objective(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
