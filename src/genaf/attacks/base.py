@@ -48,7 +48,14 @@ def create_attack(name: str, encoder: nn.Module, preset: str = "cpu", **cfg: Any
 
 
 def _import_all() -> None:
-    from . import fff, l4a, l4a_variants, noise, per_sample, sgd_uap, ssp, std  # noqa: F401  (registration)
+    """Import every module of the package, so each registers its attacks."""
+    import importlib
+    import pkgutil
+
+    from .. import attacks
+
+    for info in pkgutil.iter_modules(attacks.__path__):
+        importlib.import_module(f"{attacks.__name__}.{info.name}")
 
 
 @contextlib.contextmanager

@@ -34,7 +34,14 @@ def method_names() -> list[str]:
 
 
 def _import_all() -> None:
-    from . import at, genaf, sft  # noqa: F401
+    """Import every module of the package, so each registers its methods."""
+    import importlib
+    import pkgutil
+
+    from .. import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"{methods.__name__}.{info.name}")
 
 
 def create_method(name: str, **cfg: Any) -> Method:
