@@ -25,6 +25,7 @@ def tiny_encoder():
 
     return load_encoder("random:demo")
 
+
 try:  # property tests explore new examples locally, and replay a fixed set in CI
     from hypothesis import settings as _hyp_settings
 

@@ -174,6 +174,15 @@ def craft(
     return pert
 
 
+def _wb_config(cfg: dict, whitebox: bool, autoattack: bool) -> dict | None:
+    from .config import DEFAULTS
+
+    if not (whitebox or autoattack):
+        return None
+    wb = {**DEFAULTS["eval"]["whitebox"], **(cfg["eval"].get("whitebox") or {})}
+    return {**wb, "autoattack": True} if autoattack else wb
+
+
 def evaluate(
     run_dir: str | Path,
     perturbations: dict[str, Perturbation | str | Path] | None = None,
@@ -181,6 +190,7 @@ def evaluate(
     datamodule: DataModule | None = None,
     device: str = "auto",
     whitebox: bool = False,
+    autoattack: bool = False,
 ) -> dict:
     """Evaluate a finished run against perturbations; adds one entry per perturbation to its
     ``metrics.json`` and returns the updated metrics."""
@@ -202,11 +212,12 @@ def evaluate(
         model,
         dm.test,
         perts,
-        whitebox=cfg["eval"]["whitebox"] if whitebox else None,
+        whitebox=_wb_config(cfg, whitebox, autoattack),
         device=dev,
         batch_size=cfg["eval"]["batch_size"],
         seed=cfg["seed"],
         start_encoder_hash=metrics.get("encoder_hash"),
+        check_whitebox=cfg["eval"]["whitebox"],
     )
     new = res["metrics"]
     if metrics and abs(metrics.get("clean_acc", new["clean_acc"]) - new["clean_acc"]) > 1e-9 and not dataset:
@@ -217,6 +228,8 @@ def evaluate(
     merged = dict(metrics) if metrics else {k: v for k, v in new.items()}
     for k in ("robust_acc", "fooling_rate", "attack_success_rate", "relative_decline", "attacks"):
         merged.setdefault(k, {}).update(new[k])
+    if "checks" in new:
+        merged["checks"] = new["checks"]
     merged["clean_acc"] = new["clean_acc"]
     merged["n_test"] = new["n_test"]
     merged.setdefault("seed", cfg["seed"])

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run directory")
     p.add_argument("--dataset", default=None)
     p.add_argument("--perturbation", nargs="*", default=[], help="perturbation files")
-    p.add_argument("--whitebox", action="store_true", help="also run white-box PGD on the model")
+    p.add_argument("--whitebox", action="store_true", help="also run white-box FGSM and PGD on the model")
+    p.add_argument("--autoattack", action="store_true", help="also run AutoAttack's APGD-CE + APGD-T (slow)")
     _common(p)
 
     p = sub.add_parser("pretrain", help="self-supervised pre-training of a small encoder (SimCLR or BYOL)")
@@ -152,7 +153,19 @@ def cmd_finetune(a) -> int:
     return 0
 
 
+def _warn_checks(m: dict) -> None:
+    """A failed self-check of the evaluation (genaf.checks) is a loud warning, not a footnote."""
+    checks = m.get("checks") or {}
+    for name in checks.get("failed", []):
+        print(
+            f"genaf: WARNING: evaluation check '{name}' FAILED: {checks[name].get('detail', '')} "
+            "-- do not trust these robustness numbers before finding out why",
+            file=sys.stderr,
+        )
+
+
 def _summary(m: dict) -> str:
+    _warn_checks(m)
     ra = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.get("robust_acc", {}).items())
     return f"clean accuracy {100 * m['clean_acc']:.1f}% on {m['n_test']} test images; robust accuracy: {ra}"
 
@@ -194,7 +207,9 @@ def cmd_evaluate(a) -> int:
     from . import api
 
     perts = {Path(p).stem: p for p in a.perturbation}
-    m = api.evaluate(a.model, perts, dataset=a.dataset, device=a.device or "auto", whitebox=a.whitebox)
+    m = api.evaluate(
+        a.model, perts, dataset=a.dataset, device=a.device or "auto", whitebox=a.whitebox, autoattack=a.autoattack
+    )
     print(_summary(m))
     return 0
 

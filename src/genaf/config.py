@@ -19,7 +19,18 @@ DEFAULTS: dict[str, Any] = {
     "data": {"root": None, "image_size": None, "n_train": None, "n_val": None, "n_test": None, "download": False},
     "method_config": {},
     "train": {},
-    "eval": {"whitebox": {"eps": 8 / 255, "step": 2 / 255, "steps": 10, "restarts": 1}, "batch_size": 512},
+    "eval": {
+        "whitebox": {
+            "eps": 8 / 255,
+            "step": 2 / 255,
+            "steps": 10,
+            "restarts": 1,
+            "fgsm": True,
+            "autoattack": False,  # APGD-CE + APGD-T: the strongest, slowest white-box evaluation
+            "autoattack_steps": 100,
+        },
+        "batch_size": 512,
+    },
 }
 TOP_KEYS = set(DEFAULTS)
 

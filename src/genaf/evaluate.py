@@ -9,9 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attacks.autoattack import autoattack
 from .attacks.perturbation import Perturbation
-from .attacks.whitebox import pgd
+from .attacks.whitebox import fgsm, pgd
+from .checks import run_checks
 from .data import ImageSet
+from .errors import DataError
 from .utils import generator
 
 
@@ -33,6 +36,32 @@ def rates(clean_pred: torch.Tensor, adv_pred: torch.Tensor, labels: torch.Tensor
     }
 
 
+def whitebox_attacks(wb: dict, seed: int = 0) -> dict:
+    """name -> (run(model, x, y) -> x_adv, its description) for the white-box evaluation.
+
+    ``wb`` holds the PGD settings (``eps``, ``step``, ``steps``, ``restarts``) and switches
+    ``fgsm`` and ``autoattack`` (APGD-CE + APGD-T, ``autoattack_steps`` iterations).
+    """
+    eps = float(wb["eps"])
+    gen = generator(seed, "evaluate:pgd")
+    out = {}
+    if wb.get("fgsm"):
+        out["fgsm-wb"] = (lambda m, x, y: fgsm(m, x, y, eps), {"attack": "fgsm", "eps": eps})
+    steps, restarts = int(wb["steps"]), int(wb.get("restarts", 1))
+    out[f"pgd{steps}-wb"] = (
+        lambda m, x, y: pgd(m, x, y, eps, wb["step"], steps, random_start=True, restarts=restarts, gen=gen),
+        {"attack": "pgd", "eps": eps, "step": wb["step"], "steps": steps, "restarts": restarts},
+    )
+    if wb.get("autoattack"):
+        aa_steps = int(wb.get("autoattack_steps", 100))
+        calls = iter(range(1 << 30))  # a different (seeded) random start for every batch
+        out["autoattack-wb"] = (
+            lambda m, x, y: autoattack(m, x, y, eps, steps=aa_steps, seed=seed * 100003 + next(calls)),
+            {"attack": "autoattack (APGD-CE + APGD-T)", "eps": eps, "steps": aa_steps},
+        )
+    return out
+
+
 def evaluate_model(
     model: nn.Module,
     test: ImageSet,
@@ -42,6 +71,9 @@ def evaluate_model(
     batch_size: int = 512,
     seed: int = 0,
     start_encoder_hash: str | None = None,
+    checks: bool = True,
+    check_whitebox: dict | None = None,
+    n_check: int = 256,
 ) -> dict:
     """Evaluate ``model`` on ``test`` against universal perturbations and white-box PGD.
 
@@ -51,6 +83,8 @@ def evaluate_model(
             the evaluated model itself (stronger than the threat model); None skips it.
         start_encoder_hash: hash of the encoder the model was fine-tuned from; perturbations
             crafted on another encoder are marked as transfer attacks.
+        checks: run the self-checks of :mod:`genaf.checks` on the first ``n_check`` test
+            images (their white-box parts use ``check_whitebox``, default ``whitebox``).
     Returns:
         the ``metrics.json`` dict (without run metadata) and per-sample predictions.
     """
@@ -61,32 +95,39 @@ def evaluate_model(
     preds: dict[str, list[torch.Tensor]] = {"clean": []}
     for name in perturbations:
         preds[name] = []
-    wb_name = None
-    if whitebox:
-        wb_name = f"pgd{whitebox.get('steps', 10)}-wb"
-        preds[wb_name] = []
+    wb_attacks = whitebox_attacks(whitebox, seed) if whitebox else {}
+    for name in wb_attacks:
+        preds[name] = []
     labels, indices = [], []
-    gen = generator(seed, "evaluate:pgd")
+    n_classes = getattr(model, "config", {}).get("num_classes")
+    if len(test) == 0:
+        raise DataError("the test set is empty: nothing to evaluate (check the dataset path and --n-test)")
+    if n_classes is not None and int(test.labels.max()) >= n_classes:
+        raise DataError(
+            f"test labels go up to {int(test.labels.max())} but the model has {n_classes} classes: "
+            "evaluate on the dataset the model was fine-tuned for"
+        )
+    report = None
     try:
+        if checks:
+            sub = test.subset(n_check)
+            report = run_checks(
+                model,
+                sub.float_images().to(device),
+                sub.labels.to(device),
+                perturbations,
+                check_whitebox if check_whitebox is not None else whitebox,
+                n_classes,
+                seed,
+            )
         for x, y, idx in test.batches(batch_size, device=device):
             labels.append(y.cpu())
             indices.append(idx.cpu())
             preds["clean"].append(_predict(model, x).cpu())
             for name, p in perturbations.items():
                 preds[name].append(_predict(model, p.apply(x)).cpu())
-            if wb_name:
-                xa = pgd(
-                    model,
-                    x,
-                    y,
-                    whitebox["eps"],
-                    whitebox["step"],
-                    whitebox["steps"],
-                    random_start=True,
-                    restarts=whitebox.get("restarts", 1),
-                    gen=gen,
-                )
-                preds[wb_name].append(_predict(model, xa).cpu())
+            for name, (run, _) in wb_attacks.items():
+                preds[name].append(_predict(model, run(model, x, y)).cpu())
     finally:
         for m, t in was:
             m.train(t)
@@ -108,8 +149,8 @@ def evaluate_model(
         r = rates(clean, p[name], y)
         for k in ("robust_acc", "fooling_rate", "attack_success_rate", "relative_decline"):
             out[k][name] = r[k]
-        if name == wb_name:
-            out["attacks"][name] = {"type": "white-box", "attack": "pgd", **whitebox}
+        if name in wb_attacks:
+            out["attacks"][name] = {"type": "white-box", **wb_attacks[name][1]}
         else:
             pert = perturbations[name]
             out["attacks"][name] = {
@@ -122,5 +163,7 @@ def evaluate_model(
                 "seed": pert.seed,
                 "transfer": bool(start_encoder_hash and pert.encoder_hash and pert.encoder_hash != start_encoder_hash),
             }
+    if report is not None:
+        out["checks"] = report
     per_sample = {"index": torch.cat(indices).tolist(), "label": y.tolist(), **{k: v.tolist() for k, v in p.items()}}
     return {"metrics": out, "per_sample": per_sample}

@@ -19,8 +19,8 @@ def demo_table(results: dict[str, dict], attack_order: list[str] | None = None) 
                 attacks.append(a)
     if attack_order:
         attacks = [a for a in attack_order if a in attacks] + [a for a in attacks if a not in attack_order]
-    head = "| method | clean acc | " + " | ".join(f"RA {a}" for a in attacks) + " | weight drift |"
-    sep = "|" + "---|" * (len(attacks) + 3)
+    head = "| method | clean acc | " + " | ".join(f"RA {a}" for a in attacks) + " | weight drift | checks |"
+    sep = "|" + "---|" * (len(attacks) + 4)
     rows = [head, sep]
     for name, m in results.items():
         ra = m.get("robust_acc", {})
@@ -28,9 +28,18 @@ def demo_table(results: dict[str, dict], attack_order: list[str] | None = None) 
         rows.append(
             f"| {name} | {_pct(m['clean_acc'])} | "
             + " | ".join(_pct(ra.get(a)) for a in attacks)
-            + f" | {'—' if drift is None else f'{drift:.3f}'} |"
+            + f" | {'—' if drift is None else f'{drift:.3f}'} | {checks_flag(m)} |"
         )
     return "\n".join(rows)
+
+
+def checks_flag(m: dict) -> str:
+    """'ok', '—' (no checks recorded) or '**FAILED**: names' for a report cell."""
+    checks = m.get("checks")
+    if not checks:
+        return "—"
+    failed = checks.get("failed", [])
+    return f"**FAILED**: {', '.join(failed)}" if failed else "ok"
 
 
 def load_metrics(run_dirs: dict[str, Path]) -> dict[str, dict]:

@@ -118,9 +118,15 @@ class LayerTap:
 
 
 def input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """d loss / d x only: no gradient ever lands in a parameter."""
-    (g,) = torch.autograd.grad(loss, x, only_inputs=True)
-    return g
+    """d loss / d x only: no gradient ever lands in a parameter.
+
+    A model that cuts its input out of the graph (e.g. ``x.detach()`` inside ``forward``) gets
+    a zero gradient here rather than a crash; the evaluation self-checks flag that case.
+    """
+    if not loss.requires_grad:
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(loss, x, only_inputs=True, allow_unused=True)
+    return torch.zeros_like(x) if g is None else g
 
 
 class EncoderAttack:

@@ -25,11 +25,13 @@ def pgd(
     restarts: int = 1,
     gen: torch.Generator | None = None,
     loss_fn=None,
+    trace: list[float] | None = None,
 ) -> torch.Tensor:
     """PGD-L∞ maximising cross-entropy; returns x_adv with ``‖x_adv − x‖∞ ≤ eps`` in [0,1].
 
     With several restarts, each sample keeps the first restart that fools the model (or the
-    last one). ``steps=1, random_start=False, step=eps`` is FGSM.
+    last one). ``steps=1, random_start=False, step=eps`` is FGSM. ``trace``, when given,
+    receives the mean loss of the first restart at its start and after each step.
     """
     check_eps(eps)
     loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="sum"))
@@ -37,7 +39,7 @@ def pgd(
     best = x.clone()
     with eval_mode(model):
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for _ in range(max(1, restarts)):
+        for r in range(max(1, restarts)):
             if random_start:
                 noise = torch.rand(x.shape, generator=gen, device="cpu").to(x.device, x.dtype)
                 xa = (x + (noise * 2 - 1) * eps).clamp(0, 1)
@@ -48,10 +50,15 @@ def pgd(
                 with torch.enable_grad():
                     loss = loss_fn(model(xa), y)
                 g = input_grad(loss, xa)
+                if trace is not None and r == 0:
+                    trace.append(float(loss.detach()) / len(x))
                 xa = xa.detach() + step * g.sign()
                 xa = torch.min(torch.max(xa, x - eps), x + eps).clamp(0, 1)
             with torch.no_grad():
-                now = model(xa).argmax(1) != y
+                logits = model(xa)
+                now = logits.argmax(1) != y
+                if trace is not None and r == 0:
+                    trace.append(float(loss_fn(logits, y)) / len(x))
             take = now | ~fooled
             best[take] = xa[take].detach()
             fooled |= now

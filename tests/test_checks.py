@@ -1,0 +1,133 @@
+"""Every evaluation self-check passes on an honest model and fires on a deliberately broken one."""
+
+import pytest
+import torch
+from torch import nn
+
+from genaf.attacks.perturbation import Perturbation
+from genaf.checks import (
+    check_eps_monotonic,
+    check_logits,
+    check_pgd_loss_rises,
+    check_whitebox_vs_transfer,
+    check_zero_perturbation,
+    run_checks,
+    whitebox_curve,
+)
+
+WB = {"eps": 0.05, "step": 0.0125, "steps": 10, "restarts": 1}
+D = 16  # images are (1, 4, 4): 16 pixels
+
+
+def _data(n=200, seed=0):
+    """Two classes split by the mean brightness of a 4x4 image (margin > 0.02 from 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 4, 4, generator=g) * 0.6 + 0.2
+    m = x.mean((1, 2, 3))
+    keep = (m - 0.5).abs() > 0.02
+    x = x[keep]
+    return x, (x.mean((1, 2, 3)) > 0.5).long()
+
+
+class Linear(nn.Module):
+    """An honest differentiable classifier: logits ±w·(mean(x) − 0.5)."""
+
+    def __init__(self, quantize: int = 0, cut: bool = True):
+        super().__init__()
+        self.cut = cut
+        self.w = nn.Parameter(torch.tensor(40.0))
+        self.quantize = quantize
+        self.config = {"num_classes": 2}
+
+    def forward(self, x):
+        if self.quantize:  # non-differentiable input quantisation: zero input gradients
+            x = torch.round(x * self.quantize) / self.quantize
+            x = x.detach() if self.cut else x  # round() alone already has a zero gradient
+        z = self.w * (x.mean((1, 2, 3)) - 0.5)
+        return torch.stack([-z, z], 1)
+
+
+class Softmaxed(Linear):
+    def forward(self, x):
+        return super().forward(x).softmax(1)
+
+
+class Noisy(Linear):
+    def forward(self, x):  # dropout left on in eval: not deterministic
+        return nn.functional.dropout(super().forward(x), 0.5, training=True)
+
+
+class Gated(Linear):
+    """Answers class 1 whenever a pixel is far from any clean value: on class-1 images,
+    robust accuracy rises with ε (only large perturbations reach the gate)."""
+
+    def forward(self, x):
+        z = super().forward(x)
+        far = (x - 0.5).abs().amax((1, 2, 3)) > 0.45  # clean pixels lie in [0.2, 0.8]
+        return torch.where(far[:, None], torch.tensor([0.0, 50.0]), z)
+
+
+def test_honest_model_passes_every_check():
+    x, y = _data()
+    model = Linear().eval()
+    dae = Perturbation(delta=torch.full((1, 1, 4, 4), -0.05), eps=0.05, attack="hand")
+    rep = run_checks(model, x, y, {"dae": dae}, WB, n_classes=2)
+    assert rep["failed"] == [], rep
+    for name in ("logits", "zero_perturbation", "pgd_loss_rises", "eps_monotonic", "whitebox_vs_transfer"):
+        assert rep[name]["passed"] is True
+
+
+def test_logits_check_fires_on_probabilities_and_nondeterminism_and_nan():
+    x, _ = _data()
+    assert not check_logits(Softmaxed().eval(), x, 2)["passed"]
+    assert "probabilities" in check_logits(Softmaxed().eval(), x, 2)["detail"]
+    assert "not deterministic" in check_logits(Noisy().eval(), x, 2)["detail"]
+    bad = Linear()
+    with torch.no_grad():
+        bad.w.fill_(float("nan"))
+    assert "NaN" in check_logits(bad, x, 2)["detail"]
+    assert "columns" in check_logits(Linear(), x, 10)["detail"]
+
+
+def test_zero_perturbation_check_fires_when_predictions_move():
+    x, _ = _data()
+    model = Noisy().eval()
+    with torch.no_grad():
+        clean = model(x).argmax(1)
+    rep = check_zero_perturbation(model, x, clean)
+    assert rep["passed"] is False and rep["changed"] > 0
+    honest = Linear().eval()
+    assert check_zero_perturbation(honest, x, honest(x).argmax(1))["passed"]
+
+
+@pytest.mark.parametrize("cut", [True, False])
+def test_pgd_loss_check_fires_on_masked_gradients(cut):
+    x, y = _data()
+    rep = check_pgd_loss_rises(Linear(quantize=4, cut=cut).eval(), x, y, WB)
+    assert rep["passed"] is False and "did not rise" in rep["detail"]
+    assert check_pgd_loss_rises(Linear().eval(), x, y, WB)["passed"]
+
+
+def test_eps_monotonic_check_fires_when_accuracy_rises_with_eps():
+    x, y = _data()
+    x, y = x[y == 1], y[y == 1]
+    curve = whitebox_curve(Gated().eval(), x, y, WB, [0.0125, 0.025, 0.05, 0.3])
+    rep = check_eps_monotonic(curve)
+    assert rep["passed"] is False and "rose by" in rep["detail"], curve
+    honest = whitebox_curve(Linear().eval(), x, y, WB, [0.0125, 0.025, 0.05, 0.1])
+    assert check_eps_monotonic(honest)["passed"]
+    # the tolerance is one point, no more
+    assert check_eps_monotonic({0.1: 0.50, 0.2: 0.505})["passed"]
+    assert not check_eps_monotonic({0.1: 0.50, 0.2: 0.52})["passed"]
+
+
+def test_whitebox_vs_transfer_check_fires_on_gradient_masking():
+    x, y = _data()
+    model = Linear(quantize=4).eval()  # white-box PGD sees zero gradients
+    dae = Perturbation(delta=torch.full((1, 1, 4, 4), -0.1), eps=0.1, attack="hand")
+    rep = run_checks(model, x, y, {"dae": dae}, {**WB, "eps": 0.1, "step": 0.025}, n_classes=2)
+    assert "whitebox_vs_transfer" in rep["failed"] and "pgd_loss_rises" in rep["failed"]
+    pair = rep["whitebox_vs_transfer"]["pairs"]["dae"]
+    assert pair["whitebox_ra"] > pair["transfer_ra"] + pair["margin"]
+    ok = check_whitebox_vs_transfer({0.1: 0.40}, {"dae": (0.1, 0.45)}, 200)
+    assert ok["passed"]
