@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -70,9 +71,17 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> None
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            from .errors import GenafError
+
+            kept = "the previous version is intact" if path.exists() else "nothing was written"
+            raise GenafError(
+                f"no space left on the device while writing {path} ({kept}); free some space and run "
+                "the command again (finetune: with --resume)"
+            ) from exc
         raise
 
 
