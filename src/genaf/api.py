@@ -191,6 +191,7 @@ def evaluate(
     device: str = "auto",
     whitebox: bool = False,
     autoattack: bool = False,
+    resize: str | None = None,
 ) -> dict:
     """Evaluate a finished run against perturbations; adds one entry per perturbation to its
     ``metrics.json`` and returns the updated metrics."""
@@ -206,6 +207,8 @@ def evaluate(
     perts = {}
     for name, p in (perturbations or {}).items():
         perts[name] = p if isinstance(p, Perturbation) else Perturbation.load(p)
+        if resize is not None:
+            perts[name].resize = resize
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     res = evaluate_model(

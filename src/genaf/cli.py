@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturbation", nargs="*", default=[], help="perturbation files")
     p.add_argument("--whitebox", action="store_true", help="also run white-box FGSM and PGD on the model")
     p.add_argument("--autoattack", action="store_true", help="also run AutoAttack's APGD-CE + APGD-T (slow)")
+    p.add_argument(
+        "--resize",
+        default=None,
+        choices=["none", "bilinear"],
+        help="perturbations of another resolution than the images: refuse (none) or resize (bilinear)",
+    )
     _common(p)
 
     p = sub.add_parser("pretrain", help="self-supervised pre-training of a small encoder (SimCLR or BYOL)")
@@ -208,7 +214,13 @@ def cmd_evaluate(a) -> int:
 
     perts = {Path(p).stem: p for p in a.perturbation}
     m = api.evaluate(
-        a.model, perts, dataset=a.dataset, device=a.device or "auto", whitebox=a.whitebox, autoattack=a.autoattack
+        a.model,
+        perts,
+        dataset=a.dataset,
+        device=a.device or "auto",
+        whitebox=a.whitebox,
+        autoattack=a.autoattack,
+        resize=a.resize,
     )
     print(_summary(m))
     return 0

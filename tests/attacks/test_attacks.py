@@ -4,7 +4,7 @@ import torch
 from genaf.attacks import Perturbation, attack_names, create_attack, pgd
 from genaf.attacks.l4a import l4a_objective
 from genaf.attacks.ssp import feature_distortion
-from genaf.errors import CheckpointError, ConfigError, SpecError
+from genaf.errors import CheckpointError, ConfigError, DataError, SpecError
 from genaf.models import DownstreamModel
 
 EPS = 16 / 255
@@ -55,6 +55,9 @@ def test_perturbation_round_trip_and_resize(tmp_path, tiny_encoder, tiny_data):
     assert torch.equal(p.delta, q.delta) and q.attack == "uniform-noise" and q.eps == p.eps
     assert q.encoder_hash == p.encoder_hash
     big = torch.rand(2, 3, 40, 40)
+    with pytest.raises(DataError, match="28x28 but the images are 40x40"):
+        q.apply(big)
+    q.resize = "bilinear"
     out = q.apply(big)
     assert out.shape == big.shape and (out - big).abs().max() <= EPS + 1e-6
     (tmp_path / "bad.pt").write_bytes(b"not a perturbation")

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError
 from ..utils import atomic_write
 
 KINDS = ("additive", "patch")
+RESIZE = ("none", "bilinear")
 
 
 @dataclass
@@ -24,8 +25,8 @@ class Perturbation:
 
     ``delta`` is (1, C, H, W) in pixel units; for ``kind="additive"`` ``apply`` returns
     ``clamp(x + δ, 0, 1)``; for ``kind="patch"``, ``x·(1−mask) + δ·mask`` with ``mask``
-    (1, 1, H, W) in {0, 1}. Inputs of another size get δ (and the mask) resized bilinearly
-    (nearest for the mask).
+    (1, 1, H, W) in {0, 1}. ``resize`` says what happens on inputs of another size: "none"
+    (the default) refuses them, "bilinear" resizes δ bilinearly (and the mask nearest).
     """
 
     delta: torch.Tensor
@@ -39,7 +40,7 @@ class Perturbation:
     surrogate: str = ""
     seed: int = 0
     mask: torch.Tensor | None = None
-    resize: str = "bilinear"
+    resize: str = "none"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -50,6 +51,12 @@ class Perturbation:
             raise CheckpointError(f"perturbation delta must be (1, C, H, W), got {tuple(self.delta.shape)}")
         if self.kind == "patch" and self.mask is None:
             raise CheckpointError("a patch perturbation needs a mask")
+        if not bool(torch.isfinite(self.delta).all()):
+            raise CheckpointError("perturbation delta has NaN or inf values")
+        if self.mask is not None and not bool(((self.mask == 0) | (self.mask == 1)).all()):
+            raise CheckpointError("perturbation mask must hold only 0 and 1")
+        if self.resize not in RESIZE:
+            raise CheckpointError(f"perturbation resize policy '{self.resize}' is not one of {RESIZE}")
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -58,13 +65,22 @@ class Perturbation:
     def _fit(self, t: torch.Tensor, x: torch.Tensor, mode: str) -> torch.Tensor:
         t = t.to(device=x.device, dtype=x.dtype)
         if tuple(t.shape[-2:]) != tuple(x.shape[-2:]):
+            if self.resize == "none":
+                h, w = self.resolution
+                raise DataError(
+                    f"perturbation is {h}x{w} but the images are {x.shape[-2]}x{x.shape[-1]}; craft it at the "
+                    "images' size, or allow resizing (genaf evaluate --resize bilinear)"
+                )
             kw = {"align_corners": False} if mode == "bilinear" else {}
             t = F.interpolate(t, size=tuple(x.shape[-2:]), mode=mode, **kw)
         if t.shape[1] != x.shape[1]:
             if t.shape[1] == 1:
                 t = t.expand(-1, x.shape[1], -1, -1)
             else:
-                raise CheckpointError(f"perturbation has {t.shape[1]} channels but images have {x.shape[1]}")
+                raise DataError(
+                    f"perturbation has {t.shape[1]} channels but the images have {x.shape[1]}: it was crafted on "
+                    "other images (RGB vs grayscale); craft it on images like these"
+                )
         return t
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:

@@ -177,6 +177,8 @@ def load_dataset(
     """
     if not isinstance(spec, str) or not spec:
         raise unknown("dataset", str(spec), list(DATASETS) + ["imagefolder:PATH"])
+    if image_size is not None and int(image_size) <= 0:
+        raise ConfigError(f"image size must be a positive number of pixels, got {image_size}")
     if spec.startswith("imagefolder:"):
         from .imagefolder import load_imagefolder_raw
 

@@ -156,6 +156,9 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], what: s
         if shapes:
             parts.append(f"wrong shapes ({len(shapes)}): {_short(shapes)}")
         raise CheckpointError(f"{what} does not match the model: " + "; ".join(parts))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{what} has NaN or inf values in {len(bad)} tensor(s): {_short(bad)}")
     module.load_state_dict({k: v for k, v in state.items()}, strict=True)
 
 
