@@ -169,6 +169,7 @@ def craft(
         )
     pert = att.fit(surrogate, device=dev, surrogate=surrogate_name, log=log)
     pert.config["seconds"] = round(getattr(att, "seconds", 0.0), 2)
+    pert.config["images_seen"] = int(getattr(att, "images_seen", 0) or 0)
     if out is not None:
         pert.save(out)
     return pert

@@ -215,7 +215,7 @@ class Trainer:
     def _run_stage(self, si: int, ctx: Context, start_epoch: int, ckpt: dict | None) -> None:
         stage, cfg = self.stages[si], self.cfg
         key = f"stage{si}:{stage.name}"
-        if stage.name == "stage2" and "stage1_state" not in self.artifacts:
+        if stage.snapshot_start and "stage1_state" not in self.artifacts:
             self.artifacts["stage1_state"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             self.artifacts["stage1_val"] = self.validate()
         if key in self.artifacts.get("setup", {}):
@@ -239,6 +239,7 @@ class Trainer:
             torch.manual_seed(unit_seed(cfg.seed, f"{key}:epoch{epoch}:torch"))
             if hasattr(stage, "_gen"):
                 stage._gen = generator(cfg.seed, f"{key}:epoch{epoch}:attack")
+            stage.begin_epoch(epoch)
             shuffle = generator(cfg.seed, f"{key}:epoch{epoch}:shuffle")
             aug = generator(cfg.seed, f"{key}:epoch{epoch}:augment")
             self.model.train()

@@ -12,7 +12,7 @@ from .universal import UniversalAttack
 
 @register_attack("uniform-noise")
 class UniformNoise(UniversalAttack):
-    presets = {"paper": {"eps": 10 / 255, "seed": 0}, "cpu": {"eps": 16 / 255, "seed": 0}}
+    presets = {"paper": {"eps": 10 / 255, "seed": 0}, "cpu": {"eps": 10 / 255, "seed": 0}}
 
     def fit(self, data, device="cpu", surrogate: str = "", log=None) -> Perturbation:
         gen = generator(self.seed, f"attack:{self.name}")

@@ -31,8 +31,15 @@ def _tv(name: str) -> RawLoader:
     return load
 
 
+def _digits(root=None, download=False):
+    from .rendered_digits import load_rendered_digits
+
+    return load_rendered_digits(root, download)
+
+
 DATASETS: dict[str, RawLoader] = {
     "fashion-mnist": _fashion,
+    "rendered-digits": _digits,
     "cifar10": _tv("cifar10"),
     "stl10": _tv("stl10"),
     "gtsrb": _tv("gtsrb"),

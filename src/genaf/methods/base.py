@@ -59,6 +59,9 @@ def create_method(name: str, **cfg: Any) -> Method:
         raise ConfigError(f"method {name} has no option(s) {bad}{hints}; its options: {', '.join(sorted(defaults))}")
     merged = dict(defaults)
     merged.update({k: _coerce(name, k, v, defaults[k]) for k, v in cfg.items() if v is not None})
+    negative = [k for k, v in merged.items() if k.endswith("epochs") and isinstance(v, int) and v < 0]
+    if negative:
+        raise ConfigError(f"method {name}: {', '.join(f'{k}={merged[k]}' for k in negative)}; epochs must be >= 0")
     return cls(merged)
 
 
@@ -117,10 +120,17 @@ class Stage:
     name = "stage"
     select = "clean"  # validation criterion: "clean", "robust", "clean+robust", "last"
     needs_val_robust = False
+    # The Trainer keeps the model before this stage (artefacts "stage1_state", "stage1_val")
+    snapshot_start = False
 
     def __init__(self, cfg: dict, epochs: int) -> None:
         self.cfg = cfg
         self.epochs = int(epochs)
+        self.epoch = 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called by the Trainer before each epoch (0-based, counted within this stage)."""
+        self.epoch = int(epoch)
 
     def setup(self, model: nn.Module, ctx: Context) -> dict:
         """Run once before the stage's first epoch; returns JSON-able artefacts (kept on resume)."""

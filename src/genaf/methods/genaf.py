@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks.base import eval_mode, input_grad
 from ..attacks.whitebox import pgd
 from ..errors import ConfigError
 from ..utils import check_eps, generator
 from .base import Method, ParamGroup, Stage, head_params, register_method, two_track_groups
 from .genetic import genetic_regularizer
-from .sensitivity import robust_sensitivity, select_redundant, weight_units
+from .stage2_common import SelectiveFineTuning
 
 SPACES = ("logits", "features")
 STUDENTS = ("clean", "adversarial")
@@ -35,6 +36,15 @@ STAGE1_DEFAULTS = {
     "warmup_epochs": 1,  # clean head-only epochs before adversarial fine-tuning
     "warmup_lr": 5e-3,
     "select": "clean+robust",
+    "eps_warmup_epochs": 0,  # adversarial epochs with eps = 0 (clean training) before the attack starts
+    "eps_ramp_epochs": 0,  # then epochs over which eps (and the step) grow linearly to their final value
+}
+
+# What the other adversarial methods (TRADES, MART, FARE) share with stage 1 (fairness,
+# METHOD.md §6). The forward options are specific to stage 1's loss; these methods name their
+# random start with ``start`` (uniform / gaussian / none) instead of ``random_start``.
+ADVERSARIAL_DEFAULTS = {
+    k: v for k, v in STAGE1_DEFAULTS.items() if k not in ("forward", "clean_forward", "random_start")
 }
 
 GENAF_DEFAULTS = dict(
@@ -101,8 +111,87 @@ def head_warmup_stage(cfg: dict) -> HeadWarmup:
     return HeadWarmup(cfg, cfg["warmup_epochs"])
 
 
+START_KINDS = ("uniform", "gaussian", "none")
+
+
+def scheduled_budget(cfg: dict, epoch: int) -> tuple[float, float]:
+    """The ε schedule shared by every adversarial stage: ``(eps, step)`` at ``epoch``
+    (0-based, counted within the adversarial stage).
+
+    ``eps_warmup_epochs`` epochs at ε = 0 (clean training), then ``eps_ramp_epochs`` epochs
+    at ε·j/(R+1), j = 1..R (each ramp epoch strictly between 0 and ε; the step size scales
+    with ε), then the final ε and step. Both 0 (the default) gives the final values from
+    the first epoch, exactly as without a schedule.
+    """
+    eps, step = cfg["eps"], cfg["attack_step"]
+    warm, ramp = int(cfg.get("eps_warmup_epochs", 0)), int(cfg.get("eps_ramp_epochs", 0))
+    if epoch < warm:
+        return 0.0, 0.0
+    if epoch < warm + ramp:
+        frac = (epoch - warm + 1) / (ramp + 1)
+        return eps * frac, step * frac
+    return eps, step
+
+
+def check_adversarial(cfg: dict) -> None:
+    """Validate the options every adversarial method shares (budget, steps, ε schedule)."""
+    check_eps(cfg["eps"])
+    if cfg["attack_step"] <= 0 or cfg["attack_steps"] < 0:
+        raise ConfigError(
+            f"attack_step must be > 0 and attack_steps >= 0, got {cfg['attack_step']}, {cfg['attack_steps']}"
+        )
+    for key in ("eps_warmup_epochs", "eps_ramp_epochs"):
+        if cfg.get(key, 0) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
+    if cfg.get("start", "uniform") not in START_KINDS:
+        raise ConfigError(f"start='{cfg['start']}' is not one of {START_KINDS}")
+
+
+def pgd_maximise(
+    model: nn.Module,
+    x: torch.Tensor,
+    objective,
+    eps: float,
+    step: float,
+    steps: int,
+    start: str = "uniform",
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """PGD-L∞ maximising ``objective(x')`` (a scalar) over ``‖x' − x‖∞ ≤ eps`` in [0,1].
+
+    The general form of :func:`genaf.attacks.whitebox.pgd` for objectives other than the
+    cross-entropy of labels (TRADES' KL, FARE's feature distance): ``model`` in eval mode
+    throughout (previous modes restored), gradients with respect to the input only.
+    ``start``: ``uniform`` (U(−ε, ε), drawn as ``pgd`` draws it), ``gaussian`` (0.001·N(0, 1),
+    TRADES/MART) or ``none``.
+    """
+    check_eps(eps)
+    x = x.detach()
+    with eval_mode(model):
+        if start == "uniform":
+            noise = torch.rand(x.shape, generator=gen, device="cpu").to(x.device, x.dtype)
+            xa = (x + (noise * 2 - 1) * eps).clamp(0, 1)
+        elif start == "gaussian":
+            noise = torch.randn(x.shape, generator=gen, device="cpu").to(x.device, x.dtype)
+            xa = torch.min(torch.max(x + 0.001 * noise, x - eps), x + eps).clamp(0, 1)
+        else:
+            xa = x.clone()
+        for _ in range(steps):
+            xa.requires_grad_(True)
+            with torch.enable_grad():
+                loss = objective(xa)
+            g = input_grad(loss, xa)
+            xa = xa.detach() + step * g.sign()
+            xa = torch.min(torch.max(xa, x - eps), x + eps).clamp(0, 1)
+    return xa.detach()
+
+
 class Stage1(Stage):
-    """PGD adversarial fine-tuning with the genetic regulariser and two optimisers."""
+    """PGD adversarial fine-tuning with the genetic regulariser and two optimisers.
+
+    Also the base of every adversarial stage (AT, TRADES, MART, FARE): ``attack`` applies
+    the ε schedule (:func:`scheduled_budget`) at the epoch the Trainer announced.
+    """
 
     needs_val_robust = True
 
@@ -115,13 +204,33 @@ class Stage1(Stage):
     def param_groups(self, model):
         return two_track_groups(model, self.cfg)
 
-    def attack(self, model, x, y, ctx):
+    def budget(self) -> tuple[float, float]:
+        """This epoch's ``(eps, step)`` under the ε schedule."""
+        return scheduled_budget(self.cfg, self.epoch)
+
+    def attack(self, model, x, y, ctx, objective=None, start=None):
+        """PGD-L∞ at this epoch's budget; ``x`` itself while the schedule holds ε at 0.
+
+        Default: cross-entropy of ``y`` with the ``random_start`` option (exactly
+        ``genaf.attacks.whitebox.pgd``). With ``objective`` (a function of x' returning the
+        scalar to maximise) or ``start`` (``uniform``/``gaussian``/``none``):
+        :func:`pgd_maximise`. Gradients are taken with respect to the input only.
+        """
         c = self.cfg
+        eps, step = self.budget()
+        if eps == 0.0:
+            return x.detach()
         if self._gen is None:
             self._gen = generator(ctx.seed, f"{self.name}:pgd")
-        return pgd(
-            model, x, y, c["eps"], c["attack_step"], c["attack_steps"], random_start=c["random_start"], gen=self._gen
-        )
+        if objective is None and start is None:
+            return pgd(model, x, y, eps, step, c["attack_steps"], random_start=c["random_start"], gen=self._gen)
+        if objective is None:
+
+            def objective(xa):
+                return F.cross_entropy(model(xa), y, reduction="sum")
+
+        start = start or ("uniform" if c.get("random_start", True) else "none")
+        return pgd_maximise(model, x, objective, eps, step, c["attack_steps"], start=start, gen=self._gen)
 
     def step(self, model, x, y, ctx):
         c = self.cfg
@@ -156,114 +265,25 @@ class Stage1(Stage):
         return {"loss": ce_adv + lam * reg, "ce_adv": ce_adv.detach(), "genetic": reg.detach()}
 
 
-class Stage2(Stage):
+class Stage2(SelectiveFineTuning):
     """Score every Conv2d/Linear layer, then fine-tune only the k most robust-redundant ones
-    on clean data with every other parameter and every BatchNorm statistic frozen."""
+    on clean data with every other parameter and every BatchNorm statistic frozen; with
+    ``evolution``, interpolate with the stage-1 weights (the shared machinery is in
+    :mod:`genaf.methods.stage2_common`, which RiFT uses as well)."""
 
     name = "stage2"
-    select = "clean"
-    needs_val_robust = True
+    label = "stage 2"
+    probe_key = "stage2:probe"
 
-    def __init__(self, cfg, epochs):
-        super().__init__(cfg, epochs)
-        self.selected: list[str] = []
-
-    def setup(self, model, ctx):
+    def n_selected(self, n_units: int) -> int:
         c = self.cfg
-        val = ctx.data.val.subset(c["probe_size"])
-        xs, ys = val.float_images().to(ctx.device), val.labels.to(ctx.device)
-        gen = generator(ctx.seed, "stage2:probe")
-        adv = torch.cat(
-            [
-                pgd(
-                    model,
-                    xs[i : i + 256],
-                    ys[i : i + 256],
-                    c["eps"],
-                    c["attack_step"],
-                    c["attack_steps"],
-                    random_start=True,
-                    gen=gen,
-                )
-                for i in range(0, len(xs), 256)
-            ]
-        )
-        units = weight_units(model)
-        k = int(c["stage2_k"]) if c["stage2_k"] else max(1, int(c["stage2_k_fraction"] * len(units)))
-        if k > len(units):
-            raise ConfigError(f"stage2_k={k} but the model has only {len(units)} Conv2d/Linear layers")
-        ctx.log(f"stage 2: robust sensitivity of {len(units)} layers on a probe of {len(adv)} PGD examples")
-        scores = robust_sensitivity(model, adv, ys, units, eta=c["eta"], steps=c["sensitivity_steps"], seed=ctx.seed)
-        self.selected = select_redundant(scores, k)
-        ctx.log(f"stage 2: fine-tuning the {k} most robust-redundant layers: {', '.join(self.selected)}")
-        return {
-            "sensitivity": scores,
-            "selected": self.selected,
-            "k": k,
-            "probe_size": len(adv),
-            "eta": c["eta"],
-            "steps": c["sensitivity_steps"],
-        }
+        return int(c["stage2_k"]) if c["stage2_k"] else max(1, int(c["stage2_k_fraction"] * n_units))
 
-    def restore(self, model, ctx, artifacts):
-        self.selected = list(artifacts["selected"])
+    def optimizer(self, params):
+        return ParamGroup("selected", params, self.cfg["stage2_lr"], self.cfg["stage2_weight_decay"], 1.0)
 
-    def _selected_params(self, model):
-        """The selected units' tensors plus their modules' other direct parameters (biases)."""
-        modules = dict(model.named_modules())
-        units = weight_units(model)
-        out, seen = [], set()
-        for n in self.selected:
-            extra = list(modules[n].parameters(recurse=False)) if n in modules else []
-            for p in units[n] + extra:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
-
-    def param_groups(self, model):
-        params = self._selected_params(model)
-        ids = {id(p) for p in params}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in ids)
-        return [ParamGroup("selected", params, self.cfg["stage2_lr"], self.cfg["stage2_weight_decay"], 1.0)]
-
-    def set_modes(self, model):
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-    def step(self, model, x, y, ctx):
-        return {"loss": F.cross_entropy(model(x), y)}
-
-    def finish(self, model, ctx, evaluate):
-        for p in model.parameters():
-            p.requires_grad_(True)
-        if not self.cfg["evolution"]:
-            return {}
-        start = ctx.artifacts.get("stage1_state")
-        if start is None:
-            return {}
-        end = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        ref = ctx.artifacts.get("stage1_val", {})
-        ref_rob = ref.get("val_robust")
-        rows, best = [], None
-        for i in range(11):
-            a = i / 10
-            model.load_state_dict(
-                {k: (start[k].to(v) * (1 - a) + v * a) if v.is_floating_point() else v for k, v in end.items()}
-            )
-            m = evaluate(model)
-            ok = ref_rob is None or m["val_robust"] >= ref_rob - self.cfg["evolution_tolerance"]
-            rows.append({"alpha": a, **m, "eligible": bool(ok)})
-            if ok and (best is None or m["val_clean"] > best[1]["val_clean"]):
-                best = (a, m)
-        a = best[0] if best else 1.0
-        model.load_state_dict(
-            {k: (start[k].to(v) * (1 - a) + v * a) if v.is_floating_point() else v for k, v in end.items()}
-        )
-        ctx.log(f"evolution: alpha={a:.1f} chosen on validation")
-        return {"evolution": rows, "alpha": a}
+    def evolution(self) -> float | None:
+        return self.cfg["evolution_tolerance"] if self.cfg["evolution"] else None
 
 
 @register_method("genaf-stage1")
@@ -279,7 +299,7 @@ class GenAFStage1(Method):
 
     def validate(self):
         c = self.cfg
-        check_eps(c["eps"])
+        check_adversarial(c)
         for key, allowed in (
             ("space", SPACES),
             ("student", STUDENTS),
