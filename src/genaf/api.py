@@ -46,6 +46,17 @@ def data_from_config(cfg: dict) -> DataModule:
     )
 
 
+def _check_layer_counts(mcfg: dict, model: DownstreamModel) -> None:
+    """Fail before training when a stage would later ask for more layers than the model has."""
+    from .methods.sensitivity import weight_units
+
+    n = len(weight_units(model))
+    for key in ("stage2_k", "rift_k"):
+        k = int(mcfg.get(key) or 0)
+        if k > n:
+            raise ConfigError(f"{key}={k} but the model has only {n} Conv2d/Linear layers; choose {key} <= {n}")
+
+
 def weight_drift(model: DownstreamModel, start: dict[str, torch.Tensor]) -> float:
     """Relative encoder weight drift ``‖θ − θ0‖ / ‖θ0‖`` over floating-point parameters."""
     num = den = 0.0
@@ -106,6 +117,7 @@ def finetune(
     atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg, sort_keys=False)))
     torch.manual_seed(unit_seed(cfg["seed"], "head-init"))
     model = DownstreamModel(enc, dm.num_classes, cfg["head"])
+    _check_layer_counts(meth.cfg, model)
     start = {k: v.detach().clone() for k, v in model.encoder.named_parameters()}
     start_hash = encoder_hash(enc)
     t0 = time.time()
