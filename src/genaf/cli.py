@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune an encoder on a downstream dataset")
     p.add_argument("--encoder", default=None, help="demo, solo:PATH, torchvision:ARCH:PATH or file:PATH")
-    p.add_argument("--method", default=None, help="sft, at, genaf-stage1 or genaf")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="sft, lp, at, trades, mart, fare, rift, genaf-stage1 or genaf (default genaf)",
+    )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--config", default=None, help="YAML file with any of the options")
     p.add_argument("--epochs", type=int, default=None)
@@ -106,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True, help="encoder file (.safetensors or .pt)")
     _common(p)
+
+    p = sub.add_parser("bench", help="run (or resume) an experiment matrix from a YAML file; writes a report")
+    p.add_argument("config", help="bench YAML file (see genaf.bench and configs/)")
+    p.add_argument("--out", required=True, help="output folder (results.csv/json, report.md, runs, perturbations)")
+    p.add_argument("--device", default=None, help="overrides the config's device: auto, cpu or cuda")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("report", help="rebuild report.md and its plots from a bench folder's results.json")
+    p.add_argument("dir", help="bench output folder")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("inspect", help="print what an encoder spec loads")
     p.add_argument("spec")
@@ -287,6 +301,21 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from .bench import run_bench
+
+    res = run_bench(a.config, a.out, device=a.device)
+    print(f"{len(res['rows'])} result rows in {res['results']}; report: {res['report']}")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .bench_report import build_report
+
+    print(f"report: {build_report(a.dir)}")
+    return 0
+
+
 COMMANDS = {
     "finetune": cmd_finetune,
     "attack": cmd_attack,
@@ -294,6 +323,8 @@ COMMANDS = {
     "pretrain": cmd_pretrain,
     "inspect": cmd_inspect,
     "demo": cmd_demo,
+    "bench": cmd_bench,
+    "report": cmd_report,
 }
 
 

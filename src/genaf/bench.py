@@ -1,0 +1,1222 @@
+"""``genaf bench``: the experiment matrix encoders × datasets × methods × attacks × ε × seeds.
+
+One YAML file (read with the safe loader) describes the whole matrix; ``run_bench`` runs it,
+writes ``OUT/results.csv``, ``OUT/results.json`` and ``OUT/report.md`` (with PNG plots, see
+:mod:`genaf.bench_report`), and can be killed at any moment and started again.
+
+Configuration (every key is optional except ``methods`` and ``attacks``; an unknown key is a
+:class:`~genaf.errors.ConfigError` naming the closest known one)::
+
+    name: bench-small              # title of the report
+    device: auto                   # auto | cpu | cuda (for fine-tuning, crafting and evaluation)
+    encoders: [demo]               # encoder specs (genaf.load_encoder), or {label: spec};
+                                   # $VARS in specs are expanded when the encoder is loaded
+    data: {root: null, download: false, image_size: null}   # defaults of every dataset entry
+    datasets:                      # names (DATASETS or imagefolder:PATH), or mappings:
+      - fashion-mnist
+      - {name: fashion-mnist, label: fmnist-500, n_train: 500, n_val: 500, n_test: 2000,
+         image_size: null, root: null, download: false}
+    surrogate:                     # the attacker's images: the surrogate pool of a dataset,
+      dataset: fashion-mnist       #   i.e. training images used by no downstream train/val split
+      n: 2000                      #   of the same dataset and seed (default: the first dataset)
+      image_size: null             #   default: data.image_size
+      resize: none                 #   none | bilinear: perturbations on images of another size
+    head: mlp                      # mlp | linear: the downstream head
+    method_defaults: {epochs: 4}   # options given to every method that has them
+    methods:                       # label -> options of genaf.methods (or a list of names);
+      sft: {}                      #   'method' names the registered method, so that variants
+      sft-highlr: {method: sft, encoder_lr: 1e-3}   # such as the drift control get their own label
+      genaf: {stage2_epochs: 2}
+    attack_preset: cpu             # cpu | paper: the default preset of every attack
+    attacks:                       # label -> options (or a list of names); 'attack' names the
+      l4a-base: {}                 #   registered attack, 'preset' overrides attack_preset and
+      uap: {preset: paper, eps: 10/255}   # 'eps' (a number or a list) overrides the grid below
+    eps: [16/255]                  # the DAE budgets (numbers or "a/b" strings); "preset" (the
+                                   # default): each attack's preset ε
+    seeds: [0, 1]                  # each seed: its own data split, head init, training and DAEs
+    train: {batch_size: 128, n_val_robust: 256, val_steps: 5}   # genaf.train.TrainConfig fields
+    eval: {batch_size: 512}
+    whitebox: true                 # also white-box PGD (and FGSM) on every fine-tuned model;
+                                   # a mapping sets eps, step, steps, restarts, fgsm, autoattack
+    fresh_head: false              # true or lp options: freeze each defended encoder, train a
+                                   # new head (lp) and attack that model with the same DAEs
+    selfattack: false              # true or a list of attack labels: DAEs crafted on each
+                                   # defended encoder itself (a white-box universal attack)
+
+Cells and rows. A cell is (encoder, dataset, method, setting, attack, eps, seed), where
+``setting`` is ``dae`` (DAEs crafted on the original encoder, the threat model), ``whitebox``,
+``fresh-head`` or ``self-attack``. Each has one row: clean_acc, robust_acc, fooling_rate,
+attack_success_rate (1 − robust_acc), relative_decline ((clean − robust) / clean), drift
+(the encoder's relative weight drift ‖θ−θ0‖/‖θ0‖), the evaluation self-checks, and the
+wall seconds of training, crafting and evaluation. Rows are kept in a canonical order (the
+order of the configuration, seeds innermost), so two runs of one configuration give
+identical files apart from the ``*_seconds`` columns. Note that the thread count and the
+device change floating-point results: compare runs made on the same kind of machine.
+
+Caching and resuming. A universal perturbation is crafted once per (encoder, attack,
+surrogate, ε, seed) into ``OUT/perturbations/`` and a model is fine-tuned once per (encoder,
+dataset, method, seed) into ``OUT/runs/``; both directory names carry a short hash of every
+option that shapes them, so an edited configuration never reuses a stale file. Every file
+is written atomically (temporary file + rename), and a cell is done only once its row is in
+``results.json``. Killed at any moment (``kill -9`` included), the next ``genaf bench`` with
+the same configuration and output skips the done cells, reloads finished perturbations and
+models, resumes an interrupted fine-tune from its last epoch checkpoint
+(``genaf.finetune(..., resume=True)``) and gives the same rows as an uninterrupted run.
+A lock file stops two runs from writing into one output folder at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, GenafError, did_you_mean
+from .utils import atomic_write, parse_fraction, write_json
+
+TOP_KEYS = (
+    "name",
+    "device",
+    "encoders",
+    "data",
+    "datasets",
+    "surrogate",
+    "head",
+    "method_defaults",
+    "methods",
+    "attack_preset",
+    "attacks",
+    "eps",
+    "seeds",
+    "train",
+    "eval",
+    "whitebox",
+    "fresh_head",
+    "selfattack",
+)
+DATA_KEYS = ("root", "download", "image_size")
+DATASET_KEYS = ("name", "label", "n_train", "n_val", "n_test", *DATA_KEYS)
+SURROGATE_KEYS = ("dataset", "label", "n", "n_train", "n_val", "image_size", "root", "download", "resize")
+WHITEBOX_KEYS = ("eps", "step", "steps", "restarts", "fgsm", "autoattack", "autoattack_steps")
+EVAL_KEYS = ("batch_size",)
+SETTINGS = ("dae", "whitebox", "fresh-head", "self-attack")
+COLUMNS = (
+    "encoder",
+    "dataset",
+    "method",
+    "setting",
+    "attack",
+    "eps",
+    "seed",
+    "clean_acc",
+    "robust_acc",
+    "fooling_rate",
+    "attack_success_rate",
+    "relative_decline",
+    "drift",
+    "checks",
+    "method_name",
+    "attack_name",
+    "train_seconds",
+    "craft_seconds",
+    "eval_seconds",
+    "run",
+    "perturbation",
+    "fingerprint",
+)
+KEY_COLUMNS = ("encoder", "dataset", "method", "setting", "attack", "eps", "seed")
+RESULTS_FORMAT = "genaf-bench-results"
+
+
+# ---------------------------------------------------------------------------- configuration
+def _fail(msg: str) -> ConfigError:
+    return ConfigError(msg)
+
+
+def _check_keys(obj: dict, known: tuple | list, where: str) -> None:
+    for k in obj:
+        if k not in known:
+            raise _fail(f"unknown key '{k}' in {where}{did_you_mean(str(k), known)}; known keys: {', '.join(known)}")
+
+
+def _mapping(v: Any, where: str) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _fail(f"{where} must be a mapping, got {type(v).__name__} {v!r}")
+    return dict(v)
+
+
+def _label(text: str) -> str:
+    """A file-system-safe label."""
+    out = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    return out or "x"
+
+
+def _named_entries(v: Any, where: str) -> list[tuple[str, dict]]:
+    """A list of names, a list of {name: options}, or a mapping name -> options."""
+    if isinstance(v, dict):
+        items = list(v.items())
+    elif isinstance(v, list):
+        items = []
+        for e in v:
+            if isinstance(e, str):
+                items.append((e, {}))
+            elif isinstance(e, dict) and len(e) == 1:
+                items.append(next(iter(e.items())))
+            else:
+                raise _fail(f"{where}: each entry must be a name or {{name: options}}, got {e!r}")
+    else:
+        raise _fail(f"{where} must be a mapping of name -> options or a list of names, got {v!r}")
+    out, seen = [], set()
+    for name, opts in items:
+        if not isinstance(name, str) or not name:
+            raise _fail(f"{where}: names must be non-empty strings, got {name!r}")
+        if name in seen:
+            raise _fail(f"{where}: '{name}' appears twice")
+        seen.add(name)
+        if name != _label(name):
+            raise _fail(f"{where}: label '{name}' may hold only letters, digits, '.', '_' and '-'")
+        out.append((name, _mapping(opts, f"{where}.{name}")))
+    if not out:
+        raise _fail(f"{where} is empty")
+    return out
+
+
+def _eps_value(v: Any, where: str) -> float:
+    from .utils import check_eps
+
+    try:
+        e = parse_fraction(v) if isinstance(v, (str, int, float)) and not isinstance(v, bool) else None
+    except ConfigError as exc:
+        raise _fail(f"{where}: {exc}") from exc
+    if e is None:
+        raise _fail(f"{where}: ε must be a number or 'a/b', got {v!r}")
+    return check_eps(e, where)
+
+
+def _eps_list(v: Any, where: str) -> list[float]:
+    vals = v if isinstance(v, list) else [v]
+    if not vals:
+        raise _fail(f"{where} is empty")
+    out = []
+    for i, e in enumerate(vals):
+        f = _eps_value(e, f"{where}[{i}]")
+        if f not in out:
+            out.append(f)
+    return out
+
+
+def _coerce_like(value: Any, default: Any, where: str) -> Any:
+    """Give an attack option the type of its preset value ('1e-3' and '8/255' are numbers)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise _fail(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(value, bool):
+        try:
+            num = parse_fraction(value) if isinstance(value, str) else float(value)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise _fail(f"{where} must be a number, got {value!r}") from exc
+        if isinstance(default, int):
+            if num != int(num):
+                raise _fail(f"{where} must be a whole number, got {value!r}")
+            return int(num)
+        return num
+    return value
+
+
+def check_encoder_spec(spec: str, where: str = "encoders") -> None:
+    """Check an encoder spec's syntax (scheme and path parts) without loading anything."""
+    from .encoders import SCHEMES
+
+    if not isinstance(spec, str) or not spec:
+        raise _fail(f"{where}: an encoder spec must be a non-empty string, got {spec!r}")
+    scheme, _, rest = spec.partition(":")
+    if scheme not in SCHEMES:
+        raise _fail(
+            f"{where}: unknown encoder spec scheme '{scheme}' in '{spec}'{did_you_mean(scheme, SCHEMES)}; "
+            f"choose one of: {', '.join(SCHEMES)}"
+        )
+    if scheme == "demo" and rest:
+        raise _fail(f"{where}: 'demo' takes no path (got '{spec}')")
+    if scheme == "random" and rest not in ("", "demo"):
+        raise _fail(f"{where}: only random:demo exists (got '{spec}')")
+    if scheme in ("file", "solo") and not rest:
+        raise _fail(f"{where}: '{spec}' needs a path: write {scheme}:PATH")
+    if scheme == "torchvision":
+        arch, sep, path = rest.partition(":")
+        if not arch or not sep or not path:
+            raise _fail(f"{where}: torchvision spec must be torchvision:ARCH:PATH, got '{spec}'")
+
+
+def _check_dataset_name(name: Any, where: str) -> str:
+    from .data.module import DATASETS
+
+    if not isinstance(name, str) or not name:
+        raise _fail(f"{where}: a dataset name must be a non-empty string, got {name!r}")
+    if name.startswith("imagefolder:"):
+        if not name.split(":", 1)[1]:
+            raise _fail(f"{where}: write imagefolder:PATH")
+        return name
+    if name not in DATASETS:
+        choices = [*DATASETS, "imagefolder:PATH"]
+        raise _fail(
+            f"{where}: unknown dataset '{name}'{did_you_mean(name, choices)}; choose one of: {', '.join(choices)}"
+        )
+    return name
+
+
+def _encoder_label(spec: str) -> str:
+    scheme, _, rest = spec.partition(":")
+    if scheme in ("demo",):
+        return "demo"
+    if scheme == "random":
+        return f"random-{rest or 'demo'}"
+    path = rest.rsplit(":", 1)[-1]
+    stem = Path(path).stem
+    if stem in ("last", "model", "checkpoint", "encoder", "backbone"):  # solo-learn: <method>/last.ckpt
+        stem = f"{Path(path).parent.name}-{stem}"
+    return _label(stem)
+
+
+def _attack_class(name: str):
+    from .attacks.base import _ATTACKS, attack_names
+
+    names = attack_names()
+    if name not in names:
+        raise _fail(f"unknown attack '{name}'{did_you_mean(name, names)}; choose one of: {', '.join(names)}")
+    return _ATTACKS[name]
+
+
+@dataclass
+class DatasetSpec:
+    label: str
+    name: str
+    n_train: int | None
+    n_val: int | None
+    n_test: int | None
+    image_size: int | None
+    root: str | None
+    download: bool
+
+    def fingerprint(self) -> dict:
+        return {k: getattr(self, k) for k in ("name", "n_train", "n_val", "n_test", "image_size")}
+
+
+@dataclass
+class MethodSpec:
+    label: str
+    method: str
+    options: dict  # as given (after method_defaults), validated by create_method
+    resolved: dict  # every option of the method
+
+
+@dataclass
+class AttackSpec:
+    label: str
+    attack: str
+    preset: str
+    options: dict  # overrides of the preset, coerced, without eps
+    eps: list[float]
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    device: str
+    encoders: list[tuple[str, str]]  # (label, spec)
+    datasets: list[DatasetSpec]
+    surrogate: dict
+    head: str
+    methods: list[MethodSpec]
+    attacks: list[AttackSpec]
+    seeds: list[int]
+    train: dict
+    eval: dict
+    whitebox: dict | None
+    fresh_head: dict | None
+    selfattack: list[str]
+    raw: dict
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "device": self.device,
+            "encoders": dict(self.encoders),
+            "datasets": [d.__dict__ for d in self.datasets],
+            "surrogate": self.surrogate,
+            "head": self.head,
+            "methods": {m.label: {"method": m.method, **m.options} for m in self.methods},
+            "attacks": {
+                a.label: {"attack": a.attack, "preset": a.preset, "eps": a.eps, **a.options} for a in self.attacks
+            },
+            "seeds": self.seeds,
+            "train": self.train,
+            "eval": self.eval,
+            "whitebox": self.whitebox,
+            "fresh_head": self.fresh_head,
+            "selfattack": self.selfattack,
+        }
+
+
+def load_config(config: str | os.PathLike | dict) -> BenchConfig:
+    """Read and validate a bench configuration (a YAML path or a dict) without running anything.
+
+    Every name is resolved: encoder spec syntax (no weights are loaded), datasets, methods and
+    their options (``create_method`` validates them), attacks and their options for the preset.
+    """
+    from .methods.base import create_method, method_names
+    from .train import TrainConfig
+
+    if isinstance(config, dict):
+        raw = copy.deepcopy(config)
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise _fail(f"bench config {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise _fail(f"bench config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(raw, dict):
+            raise _fail(f"bench config {path} must hold a mapping at the top level")
+    _check_keys(raw, TOP_KEYS, "the bench config")
+    for req in ("methods", "attacks"):
+        if req not in raw:
+            raise _fail(f"the bench config needs '{req}'")
+
+    device = str(raw.get("device") or "auto")
+    # encoders
+    enc_raw = raw.get("encoders", ["demo"])
+    if isinstance(enc_raw, str):
+        enc_raw = [enc_raw]
+    if isinstance(enc_raw, dict):
+        encoders = [(str(k), v) for k, v in enc_raw.items()]
+    elif isinstance(enc_raw, list):
+        encoders = [(_encoder_label(s) if isinstance(s, str) else "?", s) for s in enc_raw]
+    else:
+        raise _fail(f"encoders must be a list of specs or a mapping label -> spec, got {enc_raw!r}")
+    if not encoders:
+        raise _fail("encoders is empty")
+    for lab, spec in encoders:
+        check_encoder_spec(spec, f"encoders ({lab})")
+        if lab != _label(lab):
+            raise _fail(f"encoders: label '{lab}' may hold only letters, digits, '.', '_' and '-'")
+    labels = [lab for lab, _ in encoders]
+    if len(set(labels)) != len(labels):
+        raise _fail(f"encoders: two specs get the same label ({labels}); give them labels: {{label: spec}}")
+
+    # data and datasets
+    data = _mapping(raw.get("data"), "data")
+    _check_keys(data, DATA_KEYS, "data")
+    ds_raw = raw.get("datasets", ["fashion-mnist"])
+    if isinstance(ds_raw, str):
+        ds_raw = [ds_raw]
+    if not isinstance(ds_raw, list) or not ds_raw:
+        raise _fail(f"datasets must be a non-empty list, got {ds_raw!r}")
+    datasets = []
+    for i, d in enumerate(ds_raw):
+        where = f"datasets[{i}]"
+        e = {"name": d} if isinstance(d, str) else _mapping(d, where)
+        _check_keys(e, DATASET_KEYS, where)
+        name = _check_dataset_name(e.get("name"), where)
+        default_label = _label(name.split(":", 1)[1].rstrip("/").split("/")[-1]) if ":" in name else name
+        spec = DatasetSpec(
+            label=str(e.get("label") or default_label),
+            name=name,
+            **{k: _opt_int(e.get(k), f"{where}.{k}") for k in ("n_train", "n_val", "n_test")},
+            image_size=_opt_int(e.get("image_size", data.get("image_size")), f"{where}.image_size"),
+            root=e.get("root", data.get("root")),
+            download=bool(e.get("download", data.get("download", False))),
+        )
+        if spec.label != _label(spec.label):
+            raise _fail(f"{where}: label '{spec.label}' may hold only letters, digits, '.', '_' and '-'")
+        datasets.append(spec)
+    dlabels = [d.label for d in datasets]
+    if len(set(dlabels)) != len(dlabels):
+        raise _fail(f"datasets: two entries share the label of {dlabels}; give each a distinct 'label'")
+
+    # surrogate
+    sur = _mapping(raw.get("surrogate"), "surrogate")
+    _check_keys(sur, SURROGATE_KEYS, "surrogate")
+    sname = _check_dataset_name(sur.get("dataset", datasets[0].name), "surrogate.dataset")
+    resize = sur.get("resize", "none")
+    if resize not in ("none", "bilinear"):
+        raise _fail(f"surrogate.resize must be none or bilinear, got {resize!r}")
+    n_sur = _opt_int(sur.get("n", 2000), "surrogate.n")
+    surrogate = {
+        "dataset": sname,
+        "n": n_sur,
+        "n_train": _opt_int(sur.get("n_train"), "surrogate.n_train"),
+        "n_val": _opt_int(sur.get("n_val"), "surrogate.n_val"),
+        "image_size": _opt_int(sur.get("image_size", data.get("image_size")), "surrogate.image_size"),
+        "root": sur.get("root", data.get("root")),
+        "download": bool(sur.get("download", data.get("download", False))),
+        "resize": resize,
+    }
+    default_sur_label = _label(sname.split(":", 1)[1].rstrip("/").split("/")[-1]) if ":" in sname else sname
+    surrogate["label"] = _label(str(sur.get("label") or f"{default_sur_label}-n{n_sur}"))
+
+    head = str(raw.get("head", "mlp"))
+    if head not in ("mlp", "linear"):
+        raise _fail(f"head must be mlp or linear, got {head!r}")
+
+    # methods
+    known_methods = method_names()
+    mdef = _mapping(raw.get("method_defaults"), "method_defaults")
+    methods = []
+    for lab, opts in _named_entries(raw["methods"], "methods"):
+        opts = dict(opts)
+        mname = str(opts.pop("method", lab))
+        if mname not in known_methods:
+            raise _fail(
+                f"methods.{lab}: unknown method '{mname}'{did_you_mean(mname, known_methods)}; "
+                f"choose one of: {', '.join(known_methods)} (or name it with a 'method' key)"
+            )
+        merged = _apply_defaults(mname, mdef, opts)
+        meth = _validated_method(create_method, mname, merged, f"methods.{lab}")
+        methods.append(MethodSpec(lab, mname, {k: meth.cfg[k] for k in merged}, dict(meth.cfg)))
+    if mdef:
+        used = {k for k in mdef if any(k in m.resolved for m in methods)}
+        unused = [k for k in mdef if k not in used]
+        if unused:
+            raise _fail(f"method_defaults: no method in this config has the option(s) {unused}")
+
+    # attacks
+    preset0 = str(raw.get("attack_preset", "cpu"))
+    grid_raw = raw.get("eps", "preset")
+    grid = None if grid_raw == "preset" else _eps_list(grid_raw, "eps")
+    attacks = []
+    for lab, opts in _named_entries(raw["attacks"], "attacks"):
+        opts = dict(opts)
+        aname = str(opts.pop("attack", lab))
+        cls = _attack_class(aname)
+        if not hasattr(cls, "fit"):
+            raise _fail(
+                f"attacks.{lab}: '{aname}' is a per-sample attack; the bench crafts universal DAEs only "
+                "(its white-box counterpart is the 'whitebox' option)"
+            )
+        preset = str(opts.pop("preset", preset0))
+        presets = getattr(cls, "presets", {})
+        if preset not in presets:
+            raise _fail(
+                f"attacks.{lab}: attack {aname} has no preset '{preset}'{did_you_mean(preset, presets)}; "
+                f"presets: {', '.join(presets)}"
+            )
+        params = presets[preset]
+        extra = tuple(getattr(cls, "extra_keys", ()))
+        eps_opt = opts.pop("eps", None)
+        bad = [k for k in opts if k not in params and k not in extra]
+        if bad:
+            hints = "".join(did_you_mean(b, list(params)) for b in bad)
+            raise _fail(
+                f"attacks.{lab}: attack {aname} has no option(s) {bad}{hints}; its options: {', '.join(params)}"
+            )
+        coerced = {k: (_coerce_like(v, params[k], f"attacks.{lab}.{k}") if k in params else v) for k, v in opts.items()}
+        if eps_opt is not None:
+            eps = _eps_list(eps_opt, f"attacks.{lab}.eps")
+        elif grid is not None:
+            eps = list(grid)
+        else:
+            eps = [_eps_value(params["eps"], f"attacks.{lab} (preset eps)")]
+        attacks.append(AttackSpec(lab, aname, preset, coerced, eps))
+
+    # seeds
+    seeds_raw = raw.get("seeds", [0])
+    seeds_raw = seeds_raw if isinstance(seeds_raw, list) else [seeds_raw]
+    seeds = []
+    for s in seeds_raw:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise _fail(f"seeds must be non-negative whole numbers, got {s!r}")
+        if s not in seeds:
+            seeds.append(s)
+    if not seeds:
+        raise _fail("seeds is empty")
+
+    # training and evaluation
+    train = _mapping(raw.get("train"), "train")
+    tfields = [k for k in TrainConfig.__dataclass_fields__ if k != "seed"]
+    _check_keys(train, tfields, "train")
+    defaults = TrainConfig()
+    train = {k: _coerce_like(v, getattr(defaults, k), f"train.{k}") for k, v in train.items()}
+    if "device" in train and "device" in raw:
+        raise _fail("give the device once: either device or train.device")
+    device = str(train.pop("device", device))
+    try:
+        TrainConfig(**train).validate()
+    except TypeError as exc:
+        raise _fail(f"train: {exc}") from exc
+    ev = _mapping(raw.get("eval"), "eval")
+    _check_keys(ev, EVAL_KEYS, "eval")
+    ev = {"batch_size": _opt_int(ev.get("batch_size", 512), "eval.batch_size")}
+    wb_raw = raw.get("whitebox", True)
+    if wb_raw is True:
+        whitebox = {}
+    elif wb_raw is False or wb_raw is None:
+        whitebox = None
+    else:
+        whitebox = _mapping(wb_raw, "whitebox")
+        _check_keys(whitebox, WHITEBOX_KEYS, "whitebox")
+        for k in ("eps", "step"):
+            if k in whitebox:
+                whitebox[k] = _eps_value(whitebox[k], f"whitebox.{k}")
+    fh_raw = raw.get("fresh_head", False)
+    if fh_raw is False or fh_raw is None:
+        fresh_head = None
+    else:
+        fh = {} if fh_raw is True else _mapping(fh_raw, "fresh_head")
+        fh = _apply_defaults("lp", mdef, fh)
+        lp = _validated_method(create_method, "lp", fh, "fresh_head")
+        fresh_head = {k: lp.cfg[k] for k in fh}
+    sa_raw = raw.get("selfattack", False)
+    alabels = [a.label for a in attacks]
+    if sa_raw is True:
+        selfattack = list(alabels)
+    elif sa_raw is False or sa_raw is None:
+        selfattack = []
+    elif isinstance(sa_raw, list):
+        selfattack = []
+        for lab in sa_raw:
+            if lab not in alabels:
+                raise _fail(f"selfattack: '{lab}' is not an attack of this config{did_you_mean(str(lab), alabels)}")
+            selfattack.append(lab)
+    else:
+        raise _fail(f"selfattack must be true, false or a list of attack labels, got {sa_raw!r}")
+    return BenchConfig(
+        name=str(raw.get("name") or "genaf bench"),
+        device=device,
+        encoders=encoders,
+        datasets=datasets,
+        surrogate=surrogate,
+        head=head,
+        methods=methods,
+        attacks=attacks,
+        seeds=seeds,
+        train=train,
+        eval=ev,
+        whitebox=whitebox,
+        fresh_head=fresh_head,
+        selfattack=selfattack,
+        raw=raw,
+    )
+
+
+def _opt_int(v: Any, where: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise _fail(f"{where} must be a positive whole number, got {v!r}")
+    return v
+
+
+def _apply_defaults(method: str, mdef: dict, opts: dict) -> dict:
+    from .methods.base import _METHODS, method_names
+
+    method_names()
+    known = _METHODS[method].default_config()
+    return {**{k: v for k, v in mdef.items() if k in known}, **opts}
+
+
+def _validated_method(create_method, name: str, opts: dict, where: str):
+    try:
+        return create_method(name, **opts)
+    except GenafError as exc:
+        raise _fail(f"{where}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------- helpers
+def _expand(text: str | None) -> str | None:
+    """``$VAR`` / ``${VAR}`` and ``~`` in paths and specs, expanded when they are used (the
+    configuration and the fingerprints keep them as written)."""
+    if not text:
+        return text
+    scheme, sep, rest = text.partition(":")
+    if sep and scheme.isalpha() and len(scheme) > 1:
+        return f"{scheme}:{_expand(rest)}"
+    return os.path.expanduser(os.path.expandvars(text))
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _eps_tag(eps: float) -> str:
+    return f"{eps:.5f}".rstrip("0").rstrip(".")
+
+
+def _row_key(r: dict) -> str:
+    return "|".join(str(r[k]) if k != "eps" else repr(float(r[k])) for k in KEY_COLUMNS)
+
+
+def _checks_text(m: dict) -> str:
+    checks = m.get("checks")
+    if not checks:
+        return ""
+    failed = checks.get("failed", [])
+    return "FAILED: " + ", ".join(failed) if failed else "ok"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    def w(tmp: str) -> None:
+        buf = io.StringIO()
+        wr = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
+        wr.writeheader()
+        for r in rows:
+            wr.writerow(
+                {k: ("" if r.get(k) is None else (repr(r[k]) if isinstance(r[k], float) else r[k])) for k in COLUMNS}
+            )
+        Path(tmp).write_text(buf.getvalue())
+
+    atomic_write(path, w)
+
+
+def read_results(out_dir: str | os.PathLike) -> dict:
+    """``results.json`` of a bench folder: ``{"name", "order", "rows"}`` (a bare row list is accepted)."""
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: run genaf bench first")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc})") from exc
+    if isinstance(obj, list):
+        obj = {"rows": obj}
+    if not isinstance(obj, dict) or not isinstance(obj.get("rows"), list):
+        raise ConfigError(f"{path} holds no 'rows' list")
+    return obj
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    fh = open(out / ".bench.lock", "w")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise ConfigError(
+                f"another genaf bench is writing into {out}; wait for it or choose another --out"
+            ) from exc
+        yield
+    finally:
+        fh.close()
+
+
+# ---------------------------------------------------------------------------- the runner
+class Bench:
+    def __init__(self, cfg: BenchConfig, out: Path, log=print) -> None:
+        from .utils import resolve_device
+
+        self.cfg, self.out, self.log = cfg, out, log
+        self.dev = resolve_device(cfg.device)
+        self.rows: dict[str, dict] = {}
+        self._data: dict = {}
+        self._surrogates: dict = {}
+        self._encoders: dict = {}
+        self._perts: dict = {}
+        self.computed = 0
+        self.index = self._order_index()
+
+    # -- canonical order ------------------------------------------------------
+    def _order_index(self) -> dict:
+        c = self.cfg
+        return {
+            "encoder": {lab: i for i, (lab, _) in enumerate(c.encoders)},
+            "dataset": {d.label: i for i, d in enumerate(c.datasets)},
+            "method": {m.label: i for i, m in enumerate(c.methods)},
+            "setting": {s: i for i, s in enumerate(SETTINGS)},
+            "attack": {a.label: i for i, a in enumerate(c.attacks)},
+            "seed": {s: i for i, s in enumerate(c.seeds)},
+        }
+
+    def _sort_key(self, r: dict):
+        ix = self.index
+        big = 1 << 20
+        return (
+            ix["encoder"].get(r["encoder"], big),
+            ix["dataset"].get(r["dataset"], big),
+            ix["method"].get(r["method"], big),
+            ix["setting"].get(r["setting"], big),
+            ix["attack"].get(r["attack"], big),
+            r["attack"],
+            float(r["eps"]),
+            ix["seed"].get(r["seed"], big),
+        )
+
+    # -- results --------------------------------------------------------------
+    def load_rows(self, wanted: dict[str, str]) -> None:
+        path = self.out / "results.json"
+        if not path.is_file():
+            return
+        old = read_results(self.out)["rows"]
+        kept = dropped = 0
+        for r in old:
+            k = _row_key(r)
+            if wanted.get(k) == r.get("fingerprint"):
+                self.rows[k] = r
+                kept += 1
+            else:
+                dropped += 1
+        self.log(
+            f"bench: {kept} finished cell(s) found in {path}" + (f"; {dropped} stale row(s) dropped" if dropped else "")
+        )
+
+    def sorted_rows(self) -> list[dict]:
+        return sorted(self.rows.values(), key=self._sort_key)
+
+    def save(self) -> None:
+        rows = self.sorted_rows()
+        write_json(
+            self.out / "results.json",
+            {
+                "format": RESULTS_FORMAT,
+                "version": 1,
+                "name": self.cfg.name,
+                "order": {k: list(v) for k, v in self.index.items()},
+                "columns": list(COLUMNS),
+                "rows": rows,
+            },
+        )
+        _write_csv(self.out / "results.csv", rows)
+
+    def record(self, rows: list[dict]) -> None:
+        for r in rows:
+            self.rows[_row_key(r)] = r
+        self.computed += len(rows)
+        self.save()
+
+    # -- data ------------------------------------------------------------------
+    def data(self, ds: DatasetSpec, seed: int):
+        from .data import load_dataset
+
+        key = (ds.label, seed)
+        if key not in self._data:
+            if len(self._data) >= 4:
+                self._data.clear()
+            self._data[key] = load_dataset(
+                _expand(ds.name),
+                root=_expand(ds.root),
+                image_size=ds.image_size,
+                n_train=ds.n_train,
+                n_val=ds.n_val,
+                n_test=ds.n_test,
+                seed=seed,
+                download=ds.download,
+            )
+        return self._data[key]
+
+    def surrogate(self, seed: int):
+        """The attacker's images for ``seed``: the surrogate pool of the surrogate dataset, cut so
+        that it shares no image with any downstream train/val split of that dataset and seed."""
+        from .data import load_dataset
+
+        if seed in self._surrogates:
+            return self._surrogates[seed]
+        s = self.cfg.surrogate
+        n_val, n_train = s["n_val"], s["n_train"]
+        if n_val is None and n_train is None:
+            same = [d for d in self.cfg.datasets if d.name == s["dataset"]]
+            reserve = 0
+            for d in same:
+                info = self.data(d, seed).info
+                reserve = max(reserve, info["n_train"] + info["n_val"])
+            n_val, n_train = 1, max(1, reserve - 1)
+        dm = load_dataset(
+            _expand(s["dataset"]),
+            root=_expand(s["root"]),
+            image_size=s["image_size"],
+            n_train=n_train,
+            n_val=n_val,
+            seed=seed,
+            download=s["download"],
+        )
+        if len(dm.surrogate_pool):
+            images, where = dm.surrogate(s["n"]), "surrogate pool"
+        else:
+            images, where = dm.train.subset(s["n"]), "training split (no images left for a pool)"
+            self.log(f"bench: WARNING: {s['dataset']} has no images outside the downstream splits; using its {where}")
+        name = f"{s['dataset']} {where} ({len(images)} images, seed {seed})"
+        self._surrogates = {seed: (images, name)}
+        return self._surrogates[seed]
+
+    def encoder(self, label: str):
+        from .encoders import load_encoder
+
+        if label not in self._encoders:
+            spec = dict(self.cfg.encoders)[label]
+            self._encoders = {label: load_encoder(_expand(spec))}
+        return self._encoders[label]
+
+    # -- fingerprints ---------------------------------------------------------
+    def run_fp(self, enc: str, ds: DatasetSpec, m: MethodSpec, seed: int) -> str:
+        c = self.cfg
+        return _hash(
+            {
+                "encoder": dict(c.encoders)[enc],
+                "dataset": ds.fingerprint(),
+                "method": m.method,
+                "options": m.resolved,
+                "head": c.head,
+                "train": c.train,
+                "eval": c.eval,
+                "whitebox": c.whitebox,
+                "seed": seed,
+            }
+        )
+
+    def pert_fp(self, enc_spec: str, a: AttackSpec, eps: float, seed: int) -> str:
+        s = {k: v for k, v in self.cfg.surrogate.items() if k not in ("root", "download", "label")}
+        reserve = [d.fingerprint() for d in self.cfg.datasets if d.name == s["dataset"]]
+        return _hash(
+            {
+                "encoder": enc_spec,
+                "attack": a.attack,
+                "preset": a.preset,
+                "options": a.options,
+                "eps": eps,
+                "seed": seed,
+                "surrogate": s,
+                "splits": reserve,
+            }
+        )
+
+    def run_dir(self, enc: str, ds: DatasetSpec, m: MethodSpec, seed: int) -> Path:
+        return self.out / "runs" / enc / ds.label / m.label / f"seed{seed}-{self.run_fp(enc, ds, m, seed)}"
+
+    def pert_path(self, enc: str, a: AttackSpec, eps: float, seed: int) -> Path:
+        spec = dict(self.cfg.encoders)[enc]
+        fp = self.pert_fp(spec, a, eps, seed)
+        sur = self.cfg.surrogate["label"]
+        return self.out / "perturbations" / enc / sur / a.label / f"eps{_eps_tag(eps)}-seed{seed}-{fp}.safetensors"
+
+    def wb_names(self) -> list[tuple[str, float]]:
+        from .config import DEFAULTS
+        from .evaluate import whitebox_attacks
+
+        if self.cfg.whitebox is None:
+            return []
+        wb = {**DEFAULTS["eval"]["whitebox"], **self.cfg.whitebox}
+        return [(n, float(d["eps"])) for n, (_, d) in whitebox_attacks(wb).items()]
+
+    # -- the cells of one unit (encoder, dataset, method, seed) ----------------
+    def unit_cells(self, enc: str, ds: DatasetSpec, m: MethodSpec, seed: int) -> dict[str, dict]:
+        run_fp = self.run_fp(enc, ds, m, seed)
+        spec = dict(self.cfg.encoders)[enc]
+        base = {"encoder": enc, "dataset": ds.label, "method": m.label, "seed": seed}
+        cells = {}
+
+        def add(setting, attack, eps, fp, extra=None):
+            c = {**base, "setting": setting, "attack": attack, "eps": float(eps), "fingerprint": fp, **(extra or {})}
+            cells[_row_key(c)] = c
+
+        for a in self.cfg.attacks:
+            for e in a.eps:
+                pfp = self.pert_fp(spec, a, e, seed)
+                add("dae", a.label, e, _hash([run_fp, pfp]), {"spec": a})
+        for name, e in self.wb_names():
+            add("whitebox", name, e, _hash([run_fp, name]))
+        if self.cfg.fresh_head is not None:
+            for a in self.cfg.attacks:
+                for e in a.eps:
+                    pfp = self.pert_fp(spec, a, e, seed)
+                    add("fresh-head", a.label, e, _hash([run_fp, pfp, self.cfg.fresh_head]), {"spec": a})
+        for a in self.cfg.attacks:
+            if a.label in self.cfg.selfattack:
+                for e in a.eps:
+                    pfp = self.pert_fp(f"self:{run_fp}", a, e, seed)
+                    add("self-attack", a.label, e, _hash([run_fp, pfp, "self"]), {"spec": a})
+        return cells
+
+    def all_cells(self) -> dict[str, str]:
+        out = {}
+        for seed in self.cfg.seeds:
+            for enc, _ in self.cfg.encoders:
+                for ds in self.cfg.datasets:
+                    for m in self.cfg.methods:
+                        out.update({k: c["fingerprint"] for k, c in self.unit_cells(enc, ds, m, seed).items()})
+        return out
+
+    # -- perturbations --------------------------------------------------------
+    def perturbation(self, encoder, path: Path, a: AttackSpec, eps: float, seed: int):
+        from .api import craft
+        from .attacks import Perturbation
+
+        key = str(path)
+        if key in self._perts:
+            return self._perts[key]
+        sur, sur_name = self.surrogate(seed)
+        if path.is_file():
+            pert = Perturbation.load(path)
+        else:
+            self.log(f"bench: crafting {a.label} (ε={eps:.4f}, seed {seed}) -> {path.relative_to(self.out)}")
+            pert = craft(
+                encoder,
+                a.attack,
+                sur,
+                eps,
+                preset=a.preset,
+                seed=seed,
+                surrogate_name=sur_name,
+                device=str(self.dev),
+                out=path,
+                log=None,
+                **a.options,
+            )
+        if not path.with_suffix(".delta.png").is_file():
+            _pictures(pert, sur, path)
+        if self.cfg.surrogate["resize"] == "bilinear":
+            pert.resize = "bilinear"
+        if len(self._perts) >= 64:
+            self._perts.clear()
+        self._perts[key] = pert
+        return pert
+
+    # -- one unit ---------------------------------------------------------------
+    def finetune_run(self, run: Path, enc_spec: str, ds: DatasetSpec, method: str, mopts: dict, seed: int, whitebox):
+        """Fine-tune into ``run`` (or resume it, or reuse it when finished); returns its metrics."""
+        from .api import finetune
+
+        metrics_path = run / "metrics.json"
+        if metrics_path.is_file() and (run / "model.safetensors").is_file():
+            return json.loads(metrics_path.read_text())
+        resume = (run / "checkpoint.pt").is_file()
+        self.log(f"bench: {'resuming' if resume else 'fine-tuning'} {run.relative_to(self.out)}")
+        return finetune(
+            _expand(enc_spec),
+            _expand(ds.name),
+            method,
+            run,
+            config={"head": self.cfg.head, "eval": {"whitebox": whitebox, "batch_size": self.cfg.eval["batch_size"]}},
+            method_config=mopts,
+            train={**self.cfg.train, "device": str(self.dev), "progress": False},
+            data={
+                "root": _expand(ds.root),
+                "image_size": ds.image_size,
+                "n_train": ds.n_train,
+                "n_val": ds.n_val,
+                "n_test": ds.n_test,
+                "download": ds.download,
+            },
+            seed=seed,
+            resume=resume,
+            datamodule=self.data(ds, seed),
+            log=lambda *_a, **_k: None,
+        )
+
+    def evaluate_cells(self, run: Path, cells: list[dict], perts: dict, dm, drift, train_s, setting_run: str) -> list:
+        from .api import evaluate
+
+        if not cells:
+            return []
+        t0 = time.time()
+        m = evaluate(run, perts, datamodule=dm, device=str(self.dev), whitebox=False)
+        dt = round(time.time() - t0, 2)
+        checks = _checks_text(m)
+        rows = []
+        for c in cells:
+            pname = c["pname"]
+            rows.append(
+                self._row(
+                    c,
+                    clean_acc=m["clean_acc"],
+                    robust_acc=m["robust_acc"][pname],
+                    fooling_rate=m["fooling_rate"][pname],
+                    drift=drift,
+                    checks=checks,
+                    train_seconds=train_s,
+                    craft_seconds=float(perts[pname].config.get("seconds", 0.0)),
+                    eval_seconds=dt,
+                    run=setting_run,
+                    perturbation=c.get("pfile", ""),
+                )
+            )
+        return rows
+
+    def _row(self, c: dict, **vals) -> dict:
+        a = c.get("spec")
+        r = {k: c[k] for k in KEY_COLUMNS}
+        r.update(vals)
+        r["method_name"] = next(m.method for m in self.cfg.methods if m.label == c["method"])
+        r["attack_name"] = a.attack if a is not None else c["attack"]
+        r["fingerprint"] = c["fingerprint"]
+        ca, ra = r["clean_acc"], r["robust_acc"]
+        r["attack_success_rate"] = 1.0 - ra  # METHOD.md §7: named explicitly, 1 - RA
+        r["relative_decline"] = (ca - ra) / ca if ca > 0 else 0.0
+        return {k: r.get(k) for k in COLUMNS}
+
+    def unit(self, enc: str, ds: DatasetSpec, m: MethodSpec, seed: int, label: str) -> None:
+        from .models import load_model
+
+        cells = self.unit_cells(enc, ds, m, seed)
+        pending = [c for k, c in cells.items() if k not in self.rows]
+        if not pending:
+            return
+        self.log(f"bench: {label}: {len(pending)} cell(s) to do")
+        spec = dict(self.cfg.encoders)[enc]
+        run = self.run_dir(enc, ds, m, seed)
+        rel = str(run.relative_to(self.out))
+        metrics = self.finetune_run(run, spec, ds, m.method, m.options, seed, self.cfg.whitebox)
+        drift = metrics.get("weight_drift")
+        train_s = metrics.get("train_seconds")
+        dm = self.data(ds, seed)
+
+        wb = [c for c in pending if c["setting"] == "whitebox"]
+        if wb:
+            self.record(
+                [
+                    self._row(
+                        c,
+                        clean_acc=metrics["clean_acc"],
+                        robust_acc=metrics["robust_acc"][c["attack"]],
+                        fooling_rate=metrics["fooling_rate"][c["attack"]],
+                        drift=drift,
+                        checks=_checks_text(metrics),
+                        train_seconds=train_s,
+                        craft_seconds=0.0,
+                        eval_seconds=0.0,
+                        run=rel,
+                        perturbation="",
+                    )
+                    for c in wb
+                ]
+            )
+
+        dae = [c for c in pending if c["setting"] in ("dae", "fresh-head")]
+        perts = {}
+        for c in dae:
+            a: AttackSpec = c["spec"]
+            path = self.pert_path(enc, a, c["eps"], seed)
+            c["pname"] = f"{a.label}@{_eps_tag(c['eps'])}"
+            c["pfile"] = str(path.relative_to(self.out))
+            perts[c["pname"]] = self.perturbation(
+                self.encoder(enc) if not path.is_file() else None, path, a, c["eps"], seed
+            )
+        main = [c for c in dae if c["setting"] == "dae"]
+        if main:
+            used = {c["pname"] for c in main}
+            self.record(
+                self.evaluate_cells(run, main, {k: v for k, v in perts.items() if k in used}, dm, drift, train_s, rel)
+            )
+
+        fresh = [c for c in dae if c["setting"] == "fresh-head"]
+        if fresh:
+            from .encoders import save_encoder
+
+            fh = run / "fresh-head"
+            enc_file = run / "defended-encoder.safetensors"
+            if not (fh / "metrics.json").is_file() and not enc_file.is_file():
+                save_encoder(load_model(run).encoder, enc_file)
+            fm = self.finetune_run(fh, f"file:{enc_file.resolve()}", ds, "lp", self.cfg.fresh_head, seed, None)
+            used = {c["pname"] for c in fresh}
+            self.record(
+                self.evaluate_cells(
+                    fh,
+                    fresh,
+                    {k: v for k, v in perts.items() if k in used},
+                    dm,
+                    drift,
+                    fm.get("train_seconds"),
+                    str(fh.relative_to(self.out)),
+                )
+            )
+
+        selfc = [c for c in pending if c["setting"] == "self-attack"]
+        if selfc:
+            run_fp = self.run_fp(enc, ds, m, seed)
+            defended = None
+            sperts = {}
+            for c in selfc:
+                a = c["spec"]
+                fp = self.pert_fp(f"self:{run_fp}", a, c["eps"], seed)
+                path = (
+                    self.out
+                    / "perturbations"
+                    / "self"
+                    / enc
+                    / ds.label
+                    / m.label
+                    / f"seed{seed}-{run_fp}"
+                    / a.label
+                    / f"eps{_eps_tag(c['eps'])}-{fp}.safetensors"
+                )
+                if defended is None and not path.is_file():
+                    defended = load_model(run).encoder
+                c["pname"] = f"self-{a.label}@{_eps_tag(c['eps'])}"
+                c["pfile"] = str(path.relative_to(self.out))
+                sperts[c["pname"]] = self.perturbation(defended, path, a, c["eps"], seed)
+            self.record(self.evaluate_cells(run, selfc, sperts, dm, drift, train_s, rel))
+
+    def run(self) -> None:
+        c = self.cfg
+        units = [(s, e, d, m) for s in c.seeds for e, _ in c.encoders for d in c.datasets for m in c.methods]
+        for i, (seed, enc, ds, m) in enumerate(units, 1):
+            self.unit(enc, ds, m, seed, f"[{i}/{len(units)}] {enc} / {ds.label} / {m.label} / seed {seed}")
+
+
+def _pictures(pert, images, path: Path) -> None:
+    """``*.delta.png`` and ``*.examples.png`` beside a perturbation, each written atomically."""
+    from .visualize import save_perturbation_images
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".pics-") as tmp:
+        for p in save_perturbation_images(pert, images.subset(8), Path(tmp) / path.name):
+            os.replace(p, path.parent / p.name)
+
+
+def run_bench(
+    config_path_or_dict: str | os.PathLike | dict, out_dir: str | os.PathLike, log=print, device=None
+) -> dict:
+    """Run (or finish) the experiment matrix of a bench configuration into ``out_dir``.
+
+    Returns ``{"rows": [...], "computed": n, "results": path, "report": path}``. Killed and
+    started again with the same arguments, it continues where it stopped (module docstring).
+    """
+    cfg = load_config(config_path_or_dict)
+    if device is not None:
+        cfg.device = str(device)
+    out = Path(out_dir)
+    t0 = time.time()
+    with _lock(out):
+        if isinstance(config_path_or_dict, dict):
+            text = yaml.safe_dump(config_path_or_dict, sort_keys=False)
+        else:
+            text = Path(config_path_or_dict).read_text()
+        atomic_write(out / "bench.yaml", lambda tmp: Path(tmp).write_text(text))
+        write_json(out / "bench-resolved.json", cfg.to_dict())
+        bench = Bench(cfg, out, log)
+        wanted = bench.all_cells()
+        bench.load_rows(wanted)
+        todo = len(wanted) - len(bench.rows)
+        log(f"bench: {len(wanted)} cell(s), {todo} to do, output in {out}")
+        bench.run()
+        bench.save()
+        from .bench_report import build_report
+
+        report = build_report(out)
+    log(f"bench: done in {time.time() - t0:.0f} s ({bench.computed} cell(s) computed); report: {report}")
+    return {
+        "rows": bench.sorted_rows(),
+        "computed": bench.computed,
+        "results": str(out / "results.json"),
+        "report": str(report),
+    }
+
+
+__all__ = ["run_bench", "load_config", "check_encoder_spec", "read_results", "COLUMNS", "KEY_COLUMNS"]

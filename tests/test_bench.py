@@ -1,0 +1,280 @@
+"""``genaf bench`` / ``genaf report``: the experiment-matrix runner, its resumability after
+``kill -9``, the shipped configurations, and the report's statistics and flags."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from genaf.bench import COLUMNS, KEY_COLUMNS, load_config, run_bench
+from genaf.bench_report import build_report, front_area, pareto_front
+from genaf.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+TINY = {
+    "name": "tiny bench",
+    "device": "cpu",
+    "encoders": ["random:demo"],
+    "datasets": [{"name": "fashion-mnist", "n_train": 64, "n_val": 32, "n_test": 64}],
+    "surrogate": {"n": 64},
+    "method_defaults": {"epochs": 1, "attack_steps": 1, "warmup_epochs": 0},
+    "methods": {"sft": {}, "genaf": {"stage2_epochs": 1, "probe_size": 16, "sensitivity_steps": 1}},
+    "attacks": {"uniform-noise": {}, "l4a-base": {"iterations": 4}},
+    "eps": ["16/255"],
+    "seeds": [0, 1],
+    "train": {"batch_size": 32, "n_val_robust": 16, "val_steps": 1},
+    "eval": {"batch_size": 64},
+    "whitebox": {"steps": 1, "fgsm": False},
+    "fresh_head": {"epochs": 1},
+    "selfattack": ["l4a-base"],
+}
+N_ROWS = 2 * 2 * (2 + 1 + 2 + 1)  # methods × seeds × (dae + white-box + fresh-head + self-attack)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The machine is shared: two threads per process thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def _no_seconds(rows):
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
+
+
+def _csv_rows(path: Path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    if not FASHION.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    root = tmp_path_factory.mktemp("bench")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    out = root / "uninterrupted"
+    res = run_bench(cfg, out, log=lambda *_: None)
+    return cfg, out, res
+
+
+def test_runner_writes_every_cell_and_a_report(reference):
+    _cfg, out, res = reference
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == N_ROWS == len(res["rows"])
+    keys = {tuple(r[k] for k in KEY_COLUMNS) for r in rows}
+    assert len(keys) == N_ROWS
+    settings = {r["setting"] for r in rows}
+    assert settings == {"dae", "whitebox", "fresh-head", "self-attack"}
+    assert {r["attack"] for r in rows if r["setting"] == "whitebox"} == {"pgd1-wb"}
+    for r in rows:
+        assert 0.0 <= r["clean_acc"] <= 1.0 and 0.0 <= r["robust_acc"] <= 1.0 and 0.0 <= r["fooling_rate"] <= 1.0
+        assert r["drift"] is not None and r["drift"] > 0
+        assert (out / r["run"]).is_dir()
+        if r["setting"] != "whitebox":
+            assert (out / r["perturbation"]).is_file()
+    # uniform noise at the same budget is a perturbation too; its ε is the grid's
+    assert {round(255 * r["eps"]) for r in rows if r["setting"] == "dae"} == {16}
+    # canonical order: the configuration's order, seeds innermost
+    order = [(r["method"], r["setting"], r["attack"], r["seed"]) for r in rows[:4]]
+    assert order == [("sft", "dae", "uniform-noise", 0), ("sft", "dae", "uniform-noise", 1)] + [
+        ("sft", "dae", "l4a-base", 0),
+        ("sft", "dae", "l4a-base", 1),
+    ]
+    csv_rows = _csv_rows(out / "results.csv")
+    assert list(csv_rows[0]) == list(COLUMNS)
+    assert [float(r["robust_acc"]) for r in csv_rows] == [r["robust_acc"] for r in rows]
+    report = (out / "report.md").read_text()
+    assert "tiny bench" in report and "mean DAE RA" in report
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert any("tradeoff" in x for x in links) and any("sensitivity" in x for x in links)
+    assert any(x.endswith(".delta.png") for x in links)
+    for link in links:
+        assert (out / link).is_file(), link
+        assert (out / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run with the same config computes nothing
+    again = run_bench(out / "bench.yaml", out, log=lambda *_: None)
+    assert again["computed"] == 0 and _no_seconds(again["rows"]) == _no_seconds(rows)
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_gives_the_uninterrupted_results(reference, tmp_path):
+    cfg, ref, _ = reference
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "genaf", "bench", str(cfg), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 300
+    killed_mid_finetune = False
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            # mid fine-tune: an epoch checkpoint is on disk but the run has no metrics yet
+            if any(not (p.parent / "metrics.json").exists() for p in (out / "runs").rglob("checkpoint.pt")):
+                killed_mid_finetune = True
+                break
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert killed_mid_finetune, "the bench finished (or stalled) before it could be killed mid fine-tune"
+    done = json.loads((out / "results.json").read_text())["rows"] if (out / "results.json").exists() else []
+    assert len(done) < N_ROWS
+    subprocess.run(cmd, check=True, capture_output=True, env=_env(), timeout=600)
+    a, b = _csv_rows(ref / "results.csv"), _csv_rows(out / "results.csv")
+    assert _no_seconds(a) == _no_seconds(b)
+    ja = json.loads((ref / "results.json").read_text())["rows"]
+    jb = json.loads((out / "results.json").read_text())["rows"]
+    assert _no_seconds(ja) == _no_seconds(jb)
+
+
+def test_every_shipped_config_resolves_without_running():
+    files = sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "paper").glob("*.yaml"))
+    names = {f.name for f in files}
+    assert {"bench-small.yaml", "ablation-small.yaml"} <= names
+    assert len(list((CONFIGS / "paper").glob("*.yaml"))) >= 1
+    for f in files:
+        cfg = load_config(f)  # encoders, datasets, methods + options, attacks + options: all checked
+        assert cfg.methods and cfg.attacks and cfg.seeds, f
+    small = load_config(CONFIGS / "bench-small.yaml")
+    assert {m.method for m in small.methods} >= {
+        "sft",
+        "lp",
+        "at",
+        "trades",
+        "mart",
+        "fare",
+        "rift",
+        "genaf-stage1",
+        "genaf",
+    }
+    assert any(m.method == "sft" and m.options.get("encoder_lr", 0) > 1e-4 for m in small.methods)
+    assert {a.attack for a in small.attacks} >= {
+        "l4a-base",
+        "l4a-fuse",
+        "l4a-ugs",
+        "std",
+        "sgd-uap",
+        "fff",
+        "ssp-universal",
+        "uap",
+        "advencoder",
+        "uniform-noise",
+    }
+    paper = [load_config(f) for f in sorted((CONFIGS / "paper").glob("*.yaml"))]
+    specs = " ".join(s for c in paper for _, s in c.encoders)
+    for ssl in ("simclr", "byol", "mocov2plus", "mocov3", "dino", "barlow_twins", "swav", "nnclr", "vicreg", "ressl"):
+        assert f"{ssl}" in specs
+    datasets = {d.name.split(":")[0] for c in paper for d in c.datasets}
+    assert {"cifar10", "stl10", "gtsrb", "svhn", "imagefolder"} <= datasets
+    assert all(a.preset == "paper" for c in paper for a in c.attacks)
+
+
+@pytest.mark.parametrize(
+    "patch, needle",
+    [
+        ({"method": {"sft": {}}}, "did you mean 'methods'"),
+        ({"methods": {"sft": {"epoch": 1}}}, "did you mean 'epochs'"),
+        ({"methods": {"sfft": {}}}, "did you mean 'sft'"),
+        ({"attacks": {"l4a-base": {"iteration": 3}}}, "did you mean 'iterations'"),
+        ({"attacks": {"ssp": {}}}, "per-sample"),
+        ({"encoders": ["solo"]}, "needs a path"),
+        ({"datasets": ["fashion-mnst"]}, "did you mean 'fashion-mnist'"),
+        ({"eps": ["16/0"]}, "cannot read"),
+        ({"train": {"batchsize": 3}}, "did you mean 'batch_size'"),
+    ],
+)
+def test_config_errors_name_the_problem(patch, needle):
+    cfg = {**TINY, **patch}
+    if "method" in patch:
+        del cfg["methods"]
+        cfg["methods"] = {"sft": {}}
+        cfg["method"] = patch["method"]
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(cfg)
+
+
+def _fake_rows():
+    """Two seeds; 'greedy' beats genaf on both axes; 'at' has the best RA on l4a."""
+    table = {  # method: (CA per seed, l4a RA per seed, ssp RA per seed, drift)
+        "sft": ((0.90, 0.92), (0.10, 0.12), (0.20, 0.22), 0.01),
+        "at": ((0.70, 0.72), (0.80, 0.84), (0.50, 0.52), 0.05),
+        "genaf": ((0.80, 0.82), (0.60, 0.62), (0.55, 0.57), 0.03),
+        "greedy": ((0.85, 0.87), (0.70, 0.72), (0.60, 0.62), 0.04),
+    }
+    rows = []
+    for m, (ca, l4a, ssp, drift) in table.items():
+        for attack, ra in (("l4a-base", l4a), ("ssp-universal", ssp)):
+            for i, seed in enumerate((0, 1)):
+                rows.append(
+                    {
+                        "encoder": "demo",
+                        "dataset": "fashion-mnist",
+                        "method": m,
+                        "setting": "dae",
+                        "attack": attack,
+                        "eps": 16 / 255,
+                        "seed": seed,
+                        "clean_acc": ca[i],
+                        "robust_acc": ra[i],
+                        "fooling_rate": 0.1,
+                        "drift": drift,
+                        "method_name": m if m != "greedy" else "sft",
+                        "attack_name": attack,
+                    }
+                )
+    return rows
+
+
+def test_report_from_hand_written_results(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"name": "fake", "rows": _fake_rows()}))
+    path = build_report(tmp_path)
+    text = path.read_text()
+    table = text.split("### DAEs crafted")[1].split("Expected robustness")[0]
+    lines = {ln.split("|")[1].strip(): ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln}
+    # mean ± sample std over the two seeds, in percent
+    assert "91.0 ± 1.4" in lines["sft"]  # CA of sft: (90, 92)
+    assert "**91.0 ± 1.4**" in lines["sft"]  # the best clean accuracy is bold
+    assert "**82.0 ± 2.8**" in lines["at"]  # the best RA on l4a-base: (80, 84)
+    assert "**61.0 ± 1.4**" in lines["greedy"]  # the best RA on ssp-universal: (60, 62)
+    assert "**" not in lines["genaf"]
+    # mean DAE RA of greedy: seeds (0.70+0.60)/2, (0.72+0.62)/2 -> 66.0 ± 1.4; at: 65, 68 -> 66.5 ± 2.1
+    assert "**66.5 ± 2.1**" in lines["at"] and "66.0 ± 1.4" in lines["greedy"]
+    assert re.search(r"FLAG: greedy beats `genaf`", text)
+    assert "not on the front" in text
+    summary = json.loads((tmp_path / "report-summary.json").read_text())["demo/fashion-mnist/dae"]
+    assert summary["dominating_genaf"] == ["greedy"]
+    assert set(summary["front"]) == {"sft", "greedy", "at"}
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (tmp_path / link).is_file()
+    # the command rebuilds it; a folder without results is one line, exit code 2
+    from genaf.cli import main
+
+    assert main(["report", str(tmp_path)]) == 0
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_front_and_area():
+    pts = {"a": (90.0, 10.0), "b": (70.0, 80.0), "c": (60.0, 50.0), "d": (80.0, 60.0)}
+    assert pareto_front(pts) == ["b", "d", "a"]
+    # union of [0,90]x[0,10], [0,80]x[0,60], [0,70]x[0,80]
+    assert front_area([pts[k] for k in "abd"]) == pytest.approx(90 * 10 + 80 * 50 + 70 * 20)
