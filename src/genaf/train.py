@@ -280,6 +280,9 @@ class Trainer:
                 self.log(f"checkpoint written to {self._ckpt_path()}; continue with --resume")
                 sys.exit(130)
             val = self.validate(robust=stage.needs_val_robust or stage.select in ("robust", "clean+robust"))
+            hook = getattr(stage, "end_epoch", None)  # e.g. the fast-mode guard of adversarial stages
+            val_attack = {"eps": cfg.val_eps, "step": cfg.val_step, "steps": cfg.val_steps, "n": cfg.n_val_robust}
+            extra = hook(self.model, ctx, val, val_attack) if hook else {}
             score = self.score(val, stage.select)
             row = {
                 "stage": stage.name,
@@ -287,6 +290,7 @@ class Trainer:
                 "seconds": round(time.time() - t0, 2),
                 **{k: v / max(nb, 1) for k, v in sums.items()},
                 **val,
+                **extra,
             }
             self.history.append(row)
             self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -302,6 +306,8 @@ class Trainer:
                     },
                 }
             self._save(si, epoch + 1, opts, scheds, best)
+            if extra.get("stop"):
+                break
         if best is not None and stage.epochs > 0:
             self.model.load_state_dict(
                 {**self.model.state_dict(), **{k: v.to(self.device) for k, v in best["state"].items()}}

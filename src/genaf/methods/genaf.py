@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.base import eval_mode, input_grad
-from ..attacks.whitebox import pgd
+from ..attacks.whitebox import frozen_params, pgd
 from ..errors import ConfigError
 from ..utils import check_eps, generator
 from .base import Method, ParamGroup, Stage, head_params, register_method, two_track_groups
@@ -38,6 +38,17 @@ STAGE1_DEFAULTS = {
     "select": "clean+robust",
     "eps_warmup_epochs": 0,  # adversarial epochs with eps = 0 (clean training) before the attack starts
     "eps_ramp_epochs": 0,  # then epochs over which eps (and the step) grow linearly to their final value
+    # Fast mode: attack_steps = 1 is FGSM with a uniform random start and a step of
+    # fast_step_factor * eps (Wong et al. 2020), guarded against catastrophic overfitting by a
+    # PGD check on held-out validation images after every epoch (see Stage1.end_epoch).
+    "fast_step_factor": 1.25,
+    "guard": True,
+    "guard_size": 128,  # validation images of the check
+    "guard_steps": 10,  # PGD steps of the check (at the training eps and attack_step)
+    "guard_drop": 0.2,  # collapse: check accuracy below its best so far minus this ...
+    "guard_floor": 0.0,  # ... or below this floor
+    "guard_fallback_steps": 10,  # PGD steps used after a collapse (guard_action "fallback")
+    "guard_action": "fallback",  # or "stop": end the stage, keeping the best epoch so far
 }
 
 # What the other adversarial methods (TRADES, MART, FARE) share with stage 1 (fairness,
@@ -64,7 +75,8 @@ GENAF_DEFAULTS = dict(
     stage2_lr=1e-3,
     stage2_weight_decay=8e-4,
     eta=0.1,
-    sensitivity_steps=5,
+    sensitivity_steps=2,  # the first (shared by all layers) + one refinement (benchmarks/speed.py)
+    sensitivity_fraction=0.25,  # steps after the first use this leading fraction of the probe
     probe_size=512,
     evolution=False,  # measured worse on the demo protocol (docs/GENAF.md)
     evolution_tolerance=0.01,
@@ -112,6 +124,7 @@ def head_warmup_stage(cfg: dict) -> HeadWarmup:
 
 
 START_KINDS = ("uniform", "gaussian", "none")
+GUARD_ACTIONS = ("fallback", "stop")
 
 
 def scheduled_budget(cfg: dict, epoch: int) -> tuple[float, float]:
@@ -145,6 +158,13 @@ def check_adversarial(cfg: dict) -> None:
             raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
     if cfg.get("start", "uniform") not in START_KINDS:
         raise ConfigError(f"start='{cfg['start']}' is not one of {START_KINDS}")
+    if cfg.get("guard_action", "fallback") not in GUARD_ACTIONS:
+        raise ConfigError(f"guard_action='{cfg['guard_action']}' is not one of {GUARD_ACTIONS}")
+    for key in ("fast_step_factor", "guard_drop", "guard_floor", "guard_size", "guard_steps"):
+        if cfg.get(key, 0) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
+    if cfg.get("guard_fallback_steps", 1) < 1:
+        raise ConfigError(f"guard_fallback_steps must be >= 1, got {cfg['guard_fallback_steps']}")
 
 
 def pgd_maximise(
@@ -167,7 +187,7 @@ def pgd_maximise(
     """
     check_eps(eps)
     x = x.detach()
-    with eval_mode(model):
+    with eval_mode(model), frozen_params(model):
         if start == "uniform":
             noise = torch.rand(x.shape, generator=gen, device="cpu").to(x.device, x.dtype)
             xa = (x + (noise * 2 - 1) * eps).clamp(0, 1)
@@ -191,6 +211,16 @@ class Stage1(Stage):
 
     Also the base of every adversarial stage (AT, TRADES, MART, FARE): ``attack`` applies
     the ε schedule (:func:`scheduled_budget`) at the epoch the Trainer announced.
+
+    Fast mode (``attack_steps = 1``): FGSM-RS, a uniform random start in the ε-ball and one
+    signed-gradient step of ``fast_step_factor``·ε (Wong et al., "Fast is better than free",
+    2020; ``fast_step_factor = 0`` keeps the plain one-step PGD of ``attack_step``). With
+    ``guard`` on, ``end_epoch`` runs a PGD-``guard_steps`` check at the training ε on
+    ``guard_size`` validation images after every epoch; when its accuracy falls more than
+    ``guard_drop`` below its best so far (or below ``guard_floor``) — catastrophic
+    overfitting — the stage switches to PGD-``guard_fallback_steps`` for the rest of the run
+    (``guard_action = "fallback"``) or ends (``"stop"``). The guard's state lives in the run's
+    artefacts (``guard``), so a resumed run continues with the attack it had.
     """
 
     needs_val_robust = True
@@ -208,13 +238,109 @@ class Stage1(Stage):
         """This epoch's ``(eps, step)`` under the ε schedule."""
         return scheduled_budget(self.cfg, self.epoch)
 
+    # ------------------------------------------------------------------ fast mode and its guard
+    def _guard_state(self, ctx) -> dict | None:
+        artifacts = getattr(ctx, "artifacts", None)
+        return None if artifacts is None else artifacts.get("guard", {}).get(self.name)
+
+    def fast(self, ctx=None) -> bool:
+        """Whether this step uses FGSM-RS (fast mode that the guard has not switched off)."""
+        c = self.cfg
+        if int(c["attack_steps"]) != 1 or not c.get("fast_step_factor", 0):
+            return False
+        state = self._guard_state(ctx)
+        return not (state and state.get("fallback_epoch"))
+
+    def attack_steps(self, ctx=None) -> int:
+        """The number of attack steps now: ``attack_steps``, or ``guard_fallback_steps`` once the
+        guard has fallen back from fast mode."""
+        c = self.cfg
+        k = int(c["attack_steps"])
+        if k == 1 and c.get("fast_step_factor", 0) and not self.fast(ctx):
+            return int(c["guard_fallback_steps"])
+        return k
+
+    def guard_check(self, model, ctx, val: dict | None = None, val_attack: dict | None = None) -> tuple[float, int]:
+        """PGD accuracy of the guard: ``(accuracy, images)``. The Trainer's own robust
+        validation is reused when it already is at least this check (same ε, at least
+        ``guard_steps`` steps, at least ``guard_size`` images); otherwise PGD-``guard_steps``
+        at this epoch's ε and step on the first ``guard_size`` validation images."""
+        c = self.cfg
+        eps, step = self.budget()
+        n, steps = int(c["guard_size"]), int(c["guard_steps"])
+        va = val_attack or {}
+        if (
+            val is not None
+            and "val_robust" in val
+            and abs(float(va.get("eps", -1.0)) - eps) < 1e-9
+            and abs(float(va.get("step", -1.0)) - step) < 1e-9
+            and int(va.get("steps", 0)) >= steps
+            and int(va.get("n", 0)) >= n
+        ):
+            return float(val["val_robust"]), int(va["n"])
+        sub = ctx.data.val.subset(n)
+        xs, ys = sub.float_images().to(ctx.device), sub.labels.to(ctx.device)
+        gen = generator(ctx.seed, f"{self.name}:guard")  # the same random starts every epoch
+        correct = 0
+        for i in range(0, len(xs), 256):
+            x, y = xs[i : i + 256], ys[i : i + 256]
+            xa = pgd(model, x, y, eps, step, steps, random_start=True, gen=gen)
+            with torch.no_grad(), eval_mode(model):
+                correct += int((model(xa).argmax(1) == y).sum())
+        return correct / max(len(xs), 1), len(xs)
+
+    def end_epoch(self, model, ctx, val: dict, val_attack: dict | None = None) -> dict:
+        """The Trainer's hook after each epoch's validation (``val_attack``: the ε, step, steps
+        and number of images of its robust validation): the fast-mode guard (see the class
+        docstring). Returns fields for the epoch's history row (``stop`` ends the stage)."""
+        c = self.cfg
+        if not c.get("guard", True) or not self.fast(ctx) or getattr(ctx, "data", None) is None:
+            return {}
+        if self.budget()[0] == 0.0:
+            return {}
+        acc, n_checked = self.guard_check(model, ctx, val, val_attack)
+        state = ctx.artifacts.setdefault("guard", {}).setdefault(self.name, {"best": None, "checks": []})
+        eps = self.budget()[0]
+        if state.get("eps") is not None and abs(state["eps"] - eps) > 1e-12:
+            state["best"] = None  # the ε schedule moved on: accuracies at another ε do not compare
+        state["eps"] = eps
+        best = state["best"]
+        collapsed = (best is not None and acc < best - c["guard_drop"]) or acc < c["guard_floor"]
+        state["checks"].append({"epoch": self.epoch + 1, "pgd_acc": acc, "n": n_checked, "collapsed": bool(collapsed)})
+        state["best"] = acc if best is None else max(best, acc)
+        out = {"guard_pgd_acc": acc}
+        if not collapsed:
+            return out
+        action = c["guard_action"]
+        state["fallback_epoch"] = self.epoch + 1
+        state["action"] = action
+        then = (
+            f"switching to PGD-{int(c['guard_fallback_steps'])} training for the rest of the run"
+            if action == "fallback"
+            else "stopping this stage (the best epoch so far is kept)"
+        )
+        bar = "!" * 78
+        ctx.log(
+            f"{bar}\n{self.name}: CATASTROPHIC OVERFITTING in fast (FGSM-RS) mode after epoch {self.epoch + 1}: "
+            f"PGD accuracy on {n_checked} validation images {acc:.3f} "
+            f"(best so far {state['best']:.3f}, allowed drop {c['guard_drop']}, floor {c['guard_floor']}); "
+            f"{then}\n{bar}"
+        )
+        out["guard_triggered"] = True
+        if action == "stop":
+            out["stop"] = True
+        return out
+
+    # ------------------------------------------------------------------ the attack
     def attack(self, model, x, y, ctx, objective=None, start=None):
         """PGD-L∞ at this epoch's budget; ``x`` itself while the schedule holds ε at 0.
 
         Default: cross-entropy of ``y`` with the ``random_start`` option (exactly
         ``genaf.attacks.whitebox.pgd``). With ``objective`` (a function of x' returning the
         scalar to maximise) or ``start`` (``uniform``/``gaussian``/``none``):
-        :func:`pgd_maximise`. Gradients are taken with respect to the input only.
+        :func:`pgd_maximise`. Gradients are taken with respect to the input only. In fast
+        mode: FGSM-RS (uniform start, one step of ``fast_step_factor``·ε) whatever the start
+        options say.
         """
         c = self.cfg
         eps, step = self.budget()
@@ -222,15 +348,19 @@ class Stage1(Stage):
             return x.detach()
         if self._gen is None:
             self._gen = generator(ctx.seed, f"{self.name}:pgd")
+        steps, random_start = self.attack_steps(ctx), c.get("random_start", True)
+        if self.fast(ctx):
+            step, random_start = float(c["fast_step_factor"]) * eps, True
+            start = "uniform" if (objective is not None or start is not None) else None
         if objective is None and start is None:
-            return pgd(model, x, y, eps, step, c["attack_steps"], random_start=c["random_start"], gen=self._gen)
+            return pgd(model, x, y, eps, step, steps, random_start=random_start, gen=self._gen)
         if objective is None:
 
             def objective(xa):
                 return F.cross_entropy(model(xa), y, reduction="sum")
 
         start = start or ("uniform" if c.get("random_start", True) else "none")
-        return pgd_maximise(model, x, objective, eps, step, c["attack_steps"], start=start, gen=self._gen)
+        return pgd_maximise(model, x, objective, eps, step, steps, start=start, gen=self._gen)
 
     def step(self, model, x, y, ctx):
         c = self.cfg
@@ -293,8 +423,7 @@ class GenAFStage1(Method):
         return {
             k: v
             for k, v in GENAF_DEFAULTS.items()
-            if not k.startswith(("stage2", "evolution"))
-            and k not in ("eta", "sensitivity_steps", "probe_size", "stage2")
+            if not k.startswith(("stage2", "evolution", "sensitivity")) and k not in ("eta", "probe_size", "stage2")
         }
 
     def validate(self):

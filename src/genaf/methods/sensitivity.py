@@ -4,8 +4,18 @@ For a layer ``i`` with weight ``W_i``:
 ``ρ_i = max_{‖ΔW‖_F ≤ η‖W_i‖_F} L_rob(W_i + ΔW) − L_rob(W_i)`` with only layer ``i`` perturbed,
 ``L_rob`` the mean cross-entropy on an adversarial probe set, the model in eval mode.
 The maximum is approximated by projected, normalised gradient ascent on ``ΔW`` (projection
-after every step), keeping the largest loss seen. Gradients are taken with respect to that
-one weight only, so the backward pass never runs below the scored layer.
+after every step), then the loss is evaluated on the whole probe; the score is the largest
+whole-probe loss seen minus the unperturbed one.
+
+Cost (what makes scoring every layer cheap):
+
+- the first ascent step starts at ``ΔW = 0``, where the gradient of ``L_rob`` with respect to
+  ``W_i`` is the same whether one layer or all of them are perturbable: one forward and
+  backward pass over the probe gives the first step of every unit at once (and ``L_rob(W)``);
+- the remaining ``steps − 1`` steps of a unit may use a leading fraction of the probe
+  (``ascent_fraction``); the final evaluation always uses the whole probe;
+- during a unit's steps only that unit's tensors require gradients, so no graph is built
+  below the scored layer and the backward pass never runs past it.
 
 A *unit* is a named parameter group picked by a selector (here: each Conv2d/Linear weight),
 so other architectures (e.g. ViT blocks) can be scored by passing other units.
@@ -13,12 +23,14 @@ so other architectures (e.g. ViT blocks) can be scored by passing other units.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.base import eval_mode
-from ..utils import generator
+from ..attacks.whitebox import frozen_params
 
 
 def weight_units(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -36,6 +48,32 @@ def _mean_ce(model, xs, ys, batch_size) -> float:
     return total / len(xs)
 
 
+def _loss_and_grads(model, xs, ys, params, batch_size) -> tuple[float, list[torch.Tensor]]:
+    """Mean cross-entropy over ``xs`` and its gradient with respect to ``params`` (which are
+    made to require gradients for the call; everything else is assumed frozen)."""
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        grads = [torch.zeros_like(p) for p in params]
+        total = 0.0
+        for i in range(0, len(xs), batch_size):
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(xs[i : i + batch_size]), ys[i : i + batch_size], reduction="sum")
+                gs = torch.autograd.grad(loss, params, allow_unused=True)
+            for acc, gi in zip(grads, gs):
+                if gi is not None:
+                    acc += gi
+            total += float(loss.detach())
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return total / len(xs), [g / len(xs) for g in grads]
+
+
+def _norm(ts) -> float:
+    return float(torch.sqrt(sum(t.double().pow(2).sum() for t in ts)))
+
+
 def robust_sensitivity(
     model: nn.Module,
     probe_x: torch.Tensor,
@@ -47,51 +85,54 @@ def robust_sensitivity(
     batch_size: int = 512,
     seed: int = 0,
     log=None,
+    ascent_fraction: float = 1.0,
 ) -> dict[str, float]:
     """The robust sensitivity dictionary ``{unit name: ρ}`` (see the module docstring).
 
     ``units`` maps a name to the parameter tensors perturbed together (default: each
-    Conv2d/Linear weight). ``step_size`` is the fraction of the radius ``η‖W‖_F`` moved per
-    normalised ascent step. Weights are restored bit-exactly after each unit.
+    Conv2d/Linear weight). ``steps`` normalised ascent steps of ``step_size``·``η‖W‖_F`` each
+    (the first one shared by all units); steps after the first use the leading
+    ``ascent_fraction`` of the probe (at least 64 images). The ascent is deterministic
+    (``seed`` is accepted for compatibility). Weights, ``requires_grad`` flags and module
+    modes are restored exactly.
     """
     units = units if units is not None else weight_units(model)
+    n = len(probe_x)
+    m = n if ascent_fraction >= 1 else min(n, max(64, math.ceil(ascent_fraction * n)))
+    sub_x, sub_y = probe_x[:m], probe_y[:m]
     scores: dict[str, float] = {}
-    with eval_mode(model):
-        base = _mean_ce(model, probe_x, probe_y, batch_size)
+    with eval_mode(model), frozen_params(model):
+        if steps >= 1:
+            every = list({id(p): p for ps in units.values() for p in ps}.values())
+            base, g_all = _loss_and_grads(model, probe_x, probe_y, every, batch_size)
+            first = {id(p): g for p, g in zip(every, g_all)}
+        else:
+            base, first = _mean_ce(model, probe_x, probe_y, batch_size), {}
         for name, params in units.items():
             w0 = [p.detach().clone() for p in params]
-            radius = eta * float(torch.sqrt(sum(t.pow(2).sum() for t in w0)))
-            g = generator(seed, f"sensitivity:{name}")
-            d = [torch.randn(t.shape, generator=g).to(t) for t in w0]
-            dn = float(torch.sqrt(sum(t.pow(2).sum() for t in d)))
-            d = [t * (radius * 1e-3 / max(dn, 1e-12)) for t in d]
+            radius = eta * _norm(w0)
             best = base
+            d = [torch.zeros_like(t) for t in w0]
             try:
-                for _ in range(steps):
-                    for p, t0, dt in zip(params, w0, d):
-                        p.data.copy_(t0 + dt)
-                    grads = [torch.zeros_like(t) for t in w0]
-                    total = 0.0
-                    for i in range(0, len(probe_x), batch_size):
-                        with torch.enable_grad():
-                            loss = F.cross_entropy(
-                                model(probe_x[i : i + batch_size]), probe_y[i : i + batch_size], reduction="sum"
-                            )
-                            gs = torch.autograd.grad(loss, params)
-                        for acc, gi in zip(grads, gs):
-                            acc += gi
-                        total += float(loss.detach())
-                    best = max(best, total / len(probe_x))
-                    gn = float(torch.sqrt(sum(t.pow(2).sum() for t in grads)))
+                grads = [first[id(p)] for p in params] if steps >= 1 else []
+                for k in range(steps):
+                    if k > 0:
+                        for p, t0, dt in zip(params, w0, d):
+                            p.data.copy_(t0 + dt)
+                        loss, grads = _loss_and_grads(model, sub_x, sub_y, params, batch_size)
+                        if m == n:
+                            best = max(best, loss)
+                    gn = _norm(grads)
                     if gn == 0 or radius == 0:
                         break
                     d = [dt + step_size * radius * gt / gn for dt, gt in zip(d, grads)]
-                    dn = float(torch.sqrt(sum(t.pow(2).sum() for t in d)))
+                    dn = _norm(d)
                     if dn > radius:
                         d = [dt * (radius / dn) for dt in d]
-                for p, t0, dt in zip(params, w0, d):
-                    p.data.copy_(t0 + dt)
-                best = max(best, _mean_ce(model, probe_x, probe_y, batch_size))
+                if any(bool(dt.any()) for dt in d):
+                    for p, t0, dt in zip(params, w0, d):
+                        p.data.copy_(t0 + dt)
+                    best = max(best, _mean_ce(model, probe_x, probe_y, batch_size))
             finally:
                 for p, t0 in zip(params, w0):
                     p.data.copy_(t0)

@@ -31,10 +31,14 @@ from .sensitivity import robust_sensitivity, select_redundant, weight_units
 
 def craft_probe(model: nn.Module, ctx: Context, cfg: dict, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """PGD-K examples (ε, step, K of ``cfg``, random start) against ``model`` from the first
-    ``cfg['probe_size']`` validation images; returns ``(x_adv, y)``."""
+    ``cfg['probe_size']`` validation images; returns ``(x_adv, y)``. In fast mode (K = 1 with
+    a ``fast_step_factor``) the probe is FGSM-RS, like the training attack."""
     val = ctx.data.val.subset(cfg["probe_size"])
     xs, ys = val.float_images().to(ctx.device), val.labels.to(ctx.device)
     gen = generator(ctx.seed, key)
+    step = cfg["attack_step"]
+    if cfg["attack_steps"] == 1 and cfg.get("fast_step_factor", 0):
+        step = cfg["fast_step_factor"] * cfg["eps"]
     adv = torch.cat(
         [
             pgd(
@@ -42,7 +46,7 @@ def craft_probe(model: nn.Module, ctx: Context, cfg: dict, key: str) -> tuple[to
                 xs[i : i + 256],
                 ys[i : i + 256],
                 cfg["eps"],
-                cfg["attack_step"],
+                step,
                 cfg["attack_steps"],
                 random_start=True,
                 gen=gen,
@@ -62,7 +66,10 @@ def select_layers(model: nn.Module, ctx: Context, cfg: dict, n_selected, key: st
     if k > len(units):
         raise ConfigError(f"{label}: k={k} but the model has only {len(units)} Conv2d/Linear layers")
     ctx.log(f"{label}: robust sensitivity of {len(units)} layers on a probe of {len(adv)} PGD examples")
-    scores = robust_sensitivity(model, adv, ys, units, eta=cfg["eta"], steps=cfg["sensitivity_steps"], seed=ctx.seed)
+    fraction = float(cfg.get("sensitivity_fraction", 1.0))
+    scores = robust_sensitivity(
+        model, adv, ys, units, eta=cfg["eta"], steps=cfg["sensitivity_steps"], seed=ctx.seed, ascent_fraction=fraction
+    )
     selected = select_redundant(scores, k)
     ctx.log(f"{label}: fine-tuning the {k} most robust-redundant layers: {', '.join(selected)}")
     return {
@@ -72,6 +79,7 @@ def select_layers(model: nn.Module, ctx: Context, cfg: dict, n_selected, key: st
         "probe_size": len(adv),
         "eta": cfg["eta"],
         "steps": cfg["sensitivity_steps"],
+        "ascent_fraction": fraction,
     }
 
 

@@ -1,0 +1,786 @@
+"""How fast is genaf's Gen-AF, measured side by side in one process against its bounds and
+against reference-style procedures.
+
+    python benchmarks/speed.py [--device cpu|cuda] [--quick] --out FILE.json [--work DIR]
+
+Parts (``--parts`` picks a subset; default all):
+
+- ``stage1``: one Gen-AF stage-1 training step (the Trainer's inner loop: ``Stage1.step``,
+  backward, both Adam optimisers) at a fixed setting — CIFAR-stem ResNet-18 (width 64), the
+  reference MLP head, batch 64, 32×32, K = 10, fp32 — against
+  * its bound: K × one input-gradient forward+backward in eval mode + one training
+    forward+backward on the clean and the adversarial batch (same precision);
+  * a reference-style step with the reference's cost structure: fp32, every PGD step a full
+    ``loss.backward()`` through a model whose parameters require gradients (then zeroed),
+    separate clean and adversarial forwards, two Adam optimisers, the genetic regulariser on
+    logits (reference roles, sum reduction, λ = 20);
+  * both BatchNorm semantics of Gen-AF's forward (``separate``, the default, and ``concat``);
+  * the peak resident memory of a step; on CUDA also a bf16-autocast channels-last step, its
+    images per second, FLOPs per step, the measured bf16 matmul rate and the arithmetic floor.
+- ``fast``: Gen-AF stage 1 on the demo protocol (demo encoder, Fashion-MNIST, demo DAEs at
+  ε = 16/255 crafted on the original encoder) with fast mode (``attack_steps = 1``: FGSM-RS
+  plus the catastrophic-overfitting guard) and with PGD-10: time per epoch and robust
+  accuracy under the DAEs.
+- ``stage2``: the robust sensitivity dictionary of the PGD-10 model (or, without ``fast``, a
+  head-warmed demo model) on a PGD-10 probe: genaf's ``robust_sensitivity`` with the Gen-AF
+  defaults against the reference procedure (RiFT-style module robust criticality: per layer,
+  10 epochs of SGD (lr 1) ascent on −CE over the probe with full backward passes, projection
+  to ‖ΔW‖_F ≤ η‖W‖_F once per epoch, an evaluation pass after each epoch, the maximum kept),
+  same η, same probe; time and the overlap of the selected k = ⌊0.2·layers⌋.
+- ``bf16``: the fraction of demo test predictions on which bf16 autocast and fp32 agree
+  (the PGD-10 and fast models of ``fast``, or a head-warmed demo model).
+
+Timings: ``time.perf_counter`` (with ``torch.cuda.synchronize`` on CUDA), medians of timed
+repetitions after a warm-up, the compared procedures interleaved so that load drifts hit
+them alike. Writes one JSON object to ``--out`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from genaf.api import evaluate, finetune
+from genaf.attacks.base import eval_mode, input_grad
+from genaf.attacks.whitebox import frozen_params, pgd
+from genaf.data import load_dataset
+from genaf.demo import SETTINGS, craft_demo_perturbations
+from genaf.encoders import load_encoder
+from genaf.encoders.base import CIFAR10_MEAN, CIFAR10_STD, Encoder
+from genaf.encoders.resnet import ResNetBackbone
+from genaf.methods.base import Context
+from genaf.methods.genaf import GENAF_DEFAULTS, REFERENCE_PRESET, Stage1
+from genaf.methods.genetic import genetic_regularizer
+from genaf.methods.sensitivity import robust_sensitivity, select_redundant, weight_units
+from genaf.models import DownstreamModel, load_model
+from genaf.train import Trainer, _make_optimizer
+
+EPS, STEP = 8 / 255, 2 / 255
+PARTS = ("stage1", "fast", "stage2", "bf16")
+DAES = ("l4a-base", "ssp-universal")
+
+# what --quick and the full run measure
+PLAN = {
+    "quick": {
+        "reps": 3,  # timed repetitions of each stage-1 step (after a warm-up)
+        "demo": {"n_train": 1024, "n_val": 256, "n_test": 512, "n_surrogate": 256},
+        "epochs": 2,
+        "probe": SETTINGS["full"]["probe_size"],  # the demo's probe: 256 PGD-10 examples
+    },
+    "full": {
+        "reps": 5,
+        "demo": {k: SETTINGS["full"][k] for k in ("n_train", "n_val", "n_test", "n_surrogate")},
+        "epochs": SETTINGS["full"]["epochs"],
+        "probe": SETTINGS["full"]["probe_size"],
+    },
+}
+
+
+# ---------------------------------------------------------------------------- timing helpers
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(fn, dev: torch.device) -> float:
+    return _measure(fn, dev)[0]
+
+
+def _measure(fn, dev: torch.device) -> tuple[float, float]:
+    """(wall-clock seconds, process CPU seconds) of ``fn()``. CPU time is the steadier measure
+    of work on a machine shared with other processes; wall time is what the targets use."""
+    _sync(dev)
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    _sync(dev)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MiB, from /proc/self/status."""
+    cur = peak = float("nan")
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                cur = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    return cur, peak
+
+
+# ---------------------------------------------------------------------------- stage 1
+def resnet18_model(width: int = 64, num_classes: int = 10, seed: int = 0) -> DownstreamModel:
+    """CIFAR-stem ResNet-18 (``genaf.encoders.resnet``) with the reference MLP head."""
+    meta = {
+        "arch": "resnet18",
+        "width": width,
+        "stem": "cifar",
+        "stem_padding": 1,
+        "in_chans": 3,
+        "input_size": 32,
+        "mean": list(CIFAR10_MEAN),
+        "std": list(CIFAR10_STD),
+        "source": f"random:resnet18-w{width}-cifar",
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DownstreamModel(Encoder(ResNetBackbone("resnet18", width, "cifar", 1), meta), num_classes, "mlp")
+    return model
+
+
+class GenafStep:
+    """One Gen-AF stage-1 training step exactly as the Trainer runs it (mode setting, the
+    stage's step under the chosen precision, zero_grad, backward, both optimisers)."""
+
+    def __init__(self, model, cfg: dict, reference, dev, amp: bool = False, channels_last: bool = False):
+        self.model, self.amp, self.dev, self.cl = model, amp, dev, channels_last
+        self.stage = Stage1(cfg, 1)
+        self.ctx = Context(None, dev, 0, reference, lambda *_: None)
+        self.opts = [_make_optimizer(g)[0] for g in self.stage.param_groups(model)]
+
+    def __call__(self, x, y) -> float:
+        if self.cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.model.train()
+        self.stage.set_modes(self.model)
+        ctx = torch.autocast(self.dev.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        with ctx:
+            losses = self.stage.step(self.model, x, y, self.ctx)
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        for o in self.opts:
+            o.step()
+        return float(losses["loss"].detach())
+
+
+class ReferenceStep:
+    """The reference implementation's cost structure (never made slower than it): fp32; PGD
+    from the clean image (no random start) in eval mode where every step is a full
+    ``loss.backward()`` through the model with its parameters requiring gradients, which are
+    zeroed afterwards; then separate clean and adversarial forwards in train mode, CE on the
+    adversarial logits + λ·genetic regulariser on the logits (clean student, adversarial
+    target, nothing detached, sum reduction, λ = 20); two Adam optimisers (encoder, head)."""
+
+    def __init__(self, model, steps: int, eps: float = EPS, step: float = STEP):
+        self.model, self.steps, self.eps, self.step = model, steps, eps, step
+        self.lam = float(REFERENCE_PRESET["lam"])
+        self.opt_enc = torch.optim.Adam(model.encoder.parameters(), lr=1e-4, weight_decay=8e-4)
+        self.opt_head = torch.optim.Adam(model.head.parameters(), lr=5e-3, weight_decay=8e-4)
+
+    def __call__(self, x, y) -> float:
+        m = self.model
+        m.eval()
+        xa = x.clone()
+        for _ in range(self.steps):
+            xa.requires_grad_(True)
+            loss = F.cross_entropy(m(xa), y)
+            loss.backward()
+            g = xa.grad
+            m.zero_grad()
+            xa = torch.min(torch.max(xa.detach() + self.step * g.sign(), x - self.eps), x + self.eps).clamp(0, 1)
+        m.train()
+        z_c = m(x)
+        z_a = m(xa)
+        s = F.cross_entropy(z_c, y, reduction="none")
+        loss = F.cross_entropy(z_a, y) + self.lam * genetic_regularizer(z_c, z_a, y, s, reduction="sum")
+        self.opt_enc.zero_grad()
+        self.opt_head.zero_grad()
+        loss.backward()
+        self.opt_enc.step()
+        self.opt_head.step()
+        return float(loss.detach())
+
+
+def input_grad_pass(model, x, y, amp: bool, dev) -> None:
+    """One PGD step's work as the bound counts it: eval mode, forward + input-gradient backward."""
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with eval_mode(model), frozen_params(model):
+        xa = x.detach().clone().requires_grad_(True)
+        with ctx:
+            loss = F.cross_entropy(model(xa), y, reduction="sum")
+        input_grad(loss, xa)
+
+
+def train_pass(model, x, xa, y, amp: bool, dev) -> None:
+    """The bound's training part: train-mode forward+backward of the clean and adversarial batch."""
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    model.train()
+    with ctx:
+        loss = F.cross_entropy(model(x), y) + F.cross_entropy(model(xa), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def bench_stage1(dev, reps: int, steps: int = 10, batch: int = 64, log=print) -> dict:
+    torch.manual_seed(0)
+    base = resnet18_model(64).to(dev)
+    reference = copy.deepcopy(base.encoder).eval().requires_grad_(False)
+    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dev)
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(2)).to(dev)
+    xa = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)).to(dev) * 2 - 1) * EPS).clamp(0, 1)
+    cfg = dict(GENAF_DEFAULTS, attack_steps=steps)
+    models = {k: copy.deepcopy(base) for k in ("separate", "concat", "reference", "bound")}
+    runs = {
+        "separate": GenafStep(models["separate"], dict(cfg, forward="separate"), reference, dev),
+        "concat": GenafStep(models["concat"], dict(cfg, forward="concat"), reference, dev),
+        "reference": ReferenceStep(models["reference"], steps),
+        "pgd_step": lambda x_, y_: input_grad_pass(models["bound"], x_, y_, False, dev),
+        "train_pass": lambda x_, y_: train_pass(models["bound"], x_, xa, y_, False, dev),
+    }
+    # warm-up: every kernel and allocation once (2 attack steps, on copies of the model)
+    log(f"stage 1: warm-up (ResNet-18 w64, batch {batch}, 32x32, {dev.type})")
+    for fn in (
+        GenafStep(copy.deepcopy(base), dict(cfg, attack_steps=2, forward="separate"), reference, dev),
+        GenafStep(copy.deepcopy(base), dict(cfg, attack_steps=2, forward="concat"), reference, dev),
+        ReferenceStep(copy.deepcopy(base), 2),
+        runs["pgd_step"],
+        runs["train_pass"],
+    ):
+        fn(x, y)
+    # peak resident memory of one stage-1 step: in a fresh process (this one holds several
+    # models and the allocator's leftovers of the warm-up); on CUDA also the device peak
+    mem = rss_of_a_step(steps, batch) if dev.type == "cpu" else {}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t_first, c_first = _measure(lambda: runs["separate"](x, y), dev)
+    if dev.type == "cuda":
+        mem["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    times["separate"].append(t_first)
+    cpu["separate"].append(c_first)
+    for r in range(reps):
+        for k, fn in runs.items():
+            if k == "separate" and r == 0:
+                continue  # the memory-measured step above is this repetition's
+            wall, c = _measure(lambda fn=fn: fn(x, y), dev)
+            times[k].append(wall)
+            cpu[k].append(c)
+        log(f"stage 1 rep {r + 1}/{reps}: " + ", ".join(f"{k} {1000 * v[-1]:.0f} ms" for k, v in times.items() if v))
+    med = {k: _median(v) for k, v in times.items()}
+    bound = steps * med["pgd_step"] + med["train_pass"]
+    cmed = {k: _median(v) for k, v in cpu.items()}
+    cbound = steps * cmed["pgd_step"] + cmed["train_pass"]
+    out = {
+        "stage1_setting": {
+            "encoder": "CIFAR-stem ResNet-18, width 64 (genaf.encoders.resnet), reference MLP head",
+            "batch": batch,
+            "image": 32,
+            "K": steps,
+            "precision": "fp32",
+            "device": dev.type,
+            "genaf_config": "GENAF_DEFAULTS (features space, pre-trained target, lam 1e4, mean reduction)",
+            "reps": reps,
+        },
+        "stage1_step_ms": round(1000 * med["separate"], 1),
+        "stage1_concat_step_ms": round(1000 * med["concat"], 1),
+        "reference_step_ms": round(1000 * med["reference"], 1),
+        "stage1_bound_ms": round(1000 * bound, 1),
+        "stage1_bound_parts_ms": {
+            "input_grad_pass": round(1000 * med["pgd_step"], 1),
+            "train_fwd_bwd_clean_adv": round(1000 * med["train_pass"], 1),
+        },
+        "stage1_over_bound": round(med["separate"] / bound, 3),
+        "stage1_concat_over_bound": round(med["concat"] / bound, 3),
+        "stage1_speedup_vs_reference": round(med["reference"] / med["separate"], 3),
+        "stage1_concat_speedup_vs_reference": round(med["reference"] / med["concat"], 3),
+        "bn_semantics": {
+            "default": GENAF_DEFAULTS["forward"],
+            "separate_ms": round(1000 * med["separate"], 1),
+            "concat_ms": round(1000 * med["concat"], 1),
+            "concat_speedup": round(med["separate"] / med["concat"], 3),
+            "why_default": (
+                "separate: the clean and the adversarial batch are each normalised with their own "
+                "BatchNorm statistics and update the running statistics in turn, as the reference "
+                "does; concat normalises both with the statistics of the mixed batch (a different "
+                "model) and is only worth it where it is measurably faster"
+            ),
+        },
+        "stage1_times_ms": {k: [round(1000 * t, 1) for t in v] for k, v in times.items()},
+        "stage1_cpu_times_ms": {k: [round(1000 * t, 1) for t in v] for k, v in cpu.items()},
+        "stage1_over_bound_cpu": round(cmed["separate"] / cbound, 3),
+        "stage1_speedup_vs_reference_cpu": round(cmed["reference"] / cmed["separate"], 3),
+        "stage1_concat_speedup_cpu": round(cmed["separate"] / cmed["concat"], 3),
+        **mem,
+    }
+    if dev.type == "cuda":
+        out.update(cuda_extras(base, reference, x, y, cfg, dev, reps, log))
+    return out
+
+
+def rss_of_a_step(steps: int, batch: int) -> dict:
+    """Peak RSS of a fresh process that builds the fixed-setting model and runs one Gen-AF
+    stage-1 step (``--rss-probe``), with its RSS just before the step."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--rss-probe", "--out", os.devnull, "--steps", str(steps), "--batch", str(batch)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+        return {"peak_rss_mb": None, "peak_rss_error": str(exc)[:200]}
+    return {
+        "peak_rss_mb": out["peak_mb"],
+        "rss_before_step_mb": out["before_mb"],
+        "peak_rss_method": "VmHWM of a fresh process: model + reference encoder + optimisers + one step",
+    }
+
+
+def _rss_probe(steps: int, batch: int) -> None:
+    base = resnet18_model(64)
+    reference = copy.deepcopy(base.encoder).eval().requires_grad_(False)
+    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(2))
+    run = GenafStep(base, dict(GENAF_DEFAULTS, attack_steps=steps), reference, torch.device("cpu"))
+    before, _ = _rss_mb()
+    run(x, y)
+    _, peak = _rss_mb()
+    print(json.dumps({"before_mb": round(before, 1), "peak_mb": round(peak, 1)}))
+
+
+def cuda_extras(base, reference, x, y, cfg, dev, reps, log) -> dict:
+    """bf16-autocast channels-last stage-1 step: ms, images/s, FLOPs, bf16 matmul rate, floor."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    run = GenafStep(model, cfg, reference, dev, amp=True, channels_last=True)
+    run(x, y)
+    run(x, y)
+    ts = [_timed(lambda: run(x, y), dev) for _ in range(max(3, reps))]
+    step = _median(ts)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run(x, y)
+    flops = counter.get_total_flops()
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    mm = _median([_timed(lambda: a @ b, dev) for _ in range(10)])
+    rate = 2 * n**3 / mm
+    floor = flops / rate
+    log(f"cuda bf16 step {1000 * step:.1f} ms, floor {1000 * floor:.1f} ms")
+    return {
+        "cuda_bf16_step_ms": round(1000 * step, 2),
+        "cuda_images_per_s": round(len(x) / step, 1),
+        "cuda_flops_per_step": int(flops),
+        "cuda_bf16_matmul_tflops": round(rate / 1e12, 1),
+        "cuda_floor_ms": round(1000 * floor, 3),
+        "cuda_fraction_of_floor": round(floor / step, 3),
+        "cuda_device": torch.cuda.get_device_name(dev),
+    }
+
+
+# ---------------------------------------------------------------------------- demo data and DAEs
+def demo_data(plan: dict, seed: int):
+    d = plan["demo"]
+    return load_dataset("fashion-mnist", n_train=d["n_train"], n_val=d["n_val"], n_test=d["n_test"], seed=seed)
+
+
+@contextlib.contextmanager
+def timed_validation(record: list[float]):
+    """Record the duration of every Trainer.validate call (to split epochs into training and
+    validation time)."""
+    original = Trainer.validate
+
+    def wrapper(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _sync(self.device)
+            record.append(time.perf_counter() - t0)
+
+    Trainer.validate = wrapper
+    try:
+        yield
+    finally:
+        Trainer.validate = original
+
+
+def bench_fast(dev, plan: dict, quick: bool, work: Path, seed: int, log=print) -> tuple[dict, dict]:
+    """Fast mode vs PGD-10 Gen-AF stage 1 on the demo protocol. Returns (results, run dirs)."""
+    data = demo_data(plan, seed)
+    s = dict(SETTINGS["quick" if quick else "full"], **plan["demo"])
+    log(f"fast mode: crafting the demo DAEs (eps 16/255) on the original demo encoder ({dev.type})")
+    t0 = time.perf_counter()
+    perts = craft_demo_perturbations(
+        load_encoder("demo"),
+        data,
+        s,
+        work / f"perturbations-{'quick' if quick else 'full'}-seed{seed}",
+        dev,
+        seed,
+        quick,
+        log=lambda *_: None,
+    )
+    craft_s = time.perf_counter() - t0
+    guard_size = GENAF_DEFAULTS["guard_size"]
+    train = {
+        "batch_size": SETTINGS["full"]["batch_size"],
+        "n_val_robust": guard_size,  # PGD-10 at the training eps: the guard reuses it
+        "val_steps": 10,
+        "device": str(dev),
+        "progress": False,
+    }
+    runs, res = {}, {}
+    for name, k in (("pgd10", 10), ("fast", 1)):
+        run = work / f"run-{name}-{'quick' if quick else 'full'}-seed{seed}"
+        runs[name] = run
+        if not (run / "metrics.json").is_file():
+            if run.exists():
+                import shutil
+
+                shutil.rmtree(run)
+            record: list[float] = []
+            lines: list[str] = []
+            log(f"fast mode: training genaf-stage1 with attack_steps={k} ({plan['epochs']} epochs)")
+            with timed_validation(record):
+                finetune(
+                    "demo",
+                    "fashion-mnist",
+                    "genaf-stage1",
+                    run,
+                    method_config={"epochs": plan["epochs"], "attack_steps": k},
+                    train=train,
+                    data={"n_train": s["n_train"], "n_val": s["n_val"], "n_test": s["n_test"]},
+                    seed=seed,
+                    datamodule=data,
+                    log=lambda *a, _lines=lines: _lines.append(" ".join(str(x) for x in a)),
+                )
+            (run / "validate_seconds.json").write_text(json.dumps(record))
+            (run / "log.txt").write_text("\n".join(lines) + "\n")
+            evaluate(run, perts, datamodule=data, device=str(dev))
+        metrics = json.loads((run / "metrics.json").read_text())
+        hist = json.loads((run / "history.json").read_text())
+        vals = json.loads((run / "validate_seconds.json").read_text())
+        rows = [(r, v) for r, v in zip(hist, vals) if r["stage"] == "stage1"]
+        res[name] = {
+            "epoch_seconds_wall": _median([r["seconds"] for r, _ in rows]),
+            "epoch_seconds_train": _median([r["seconds"] - v for r, v in rows]),
+            "clean_acc": metrics["clean_acc"],
+            "robust_acc": {a: metrics["robust_acc"][a] for a in (*DAES, "uniform-noise", "pgd10-wb")},
+            "dae_ra": sum(metrics["robust_acc"][a] for a in DAES) / len(DAES),
+            "guard": [
+                {kk: r.get(kk) for kk in ("epoch", "guard_pgd_acc", "guard_triggered") if kk in r}
+                for r, _ in rows
+                if "guard_pgd_acc" in r
+            ],
+        }
+    fast, slow = res["fast"], res["pgd10"]
+    out = {
+        "fast_setting": {
+            "protocol": "demo encoder, Fashion-MNIST, genaf-stage1 defaults, DAEs of genaf.demo at eps 16/255",
+            **plan["demo"],
+            "epochs": plan["epochs"],
+            "batch_size": train["batch_size"],
+            "validation": f"PGD-10 at 8/255 on {guard_size} images (shared by both; the guard reuses it)",
+            "dae_craft_seconds": round(craft_s, 1),
+        },
+        "fast_epoch_speedup": round(slow["epoch_seconds_train"] / fast["epoch_seconds_train"], 3),
+        "fast_epoch_speedup_wall": round(slow["epoch_seconds_wall"] / fast["epoch_seconds_wall"], 3),
+        "fast_ra_gap_points": round(100 * (slow["dae_ra"] - fast["dae_ra"]), 2),
+        "fast_runs": res,
+    }
+    return out, runs
+
+
+# ---------------------------------------------------------------------------- stage 2
+def reference_sensitivity(model, xs, ys, eta: float = 0.1, epochs: int = 10, lr: float = 1.0, batch: int = 128):
+    """RiFT-style module robust criticality with the reference's cost structure.
+
+    For every Conv2d/Linear weight alone: SGD (lr ``lr``) on −CE, one step per batch, for
+    ``epochs`` epochs over the probe, with every model parameter requiring gradients (full
+    ``loss.backward()``, gradients zeroed each step); after each epoch the perturbation is
+    projected onto ‖ΔW‖_F ≤ η‖W‖_F and the probe loss evaluated (one pass); the score is the
+    largest evaluated loss minus the unperturbed one. Model in eval mode; weights restored."""
+    scores = {}
+
+    def mean_ce():
+        with torch.no_grad():
+            return sum(
+                float(F.cross_entropy(model(xs[i : i + batch]), ys[i : i + batch], reduction="sum"))
+                for i in range(0, len(xs), batch)
+            ) / len(xs)
+
+    with eval_mode(model):
+        base = mean_ce()
+        for name, (w,) in weight_units(model).items():
+            w0 = w.detach().clone()
+            radius = eta * float(w0.norm())
+            opt = torch.optim.SGD([w], lr=lr)
+            best = base
+            try:
+                for _ in range(epochs):
+                    for i in range(0, len(xs), batch):
+                        loss = -F.cross_entropy(model(xs[i : i + batch]), ys[i : i + batch])
+                        model.zero_grad()
+                        loss.backward()
+                        opt.step()
+                    with torch.no_grad():
+                        d = w - w0
+                        dn = float(d.norm())
+                        if dn > radius:
+                            w.copy_(w0 + d * (radius / dn))
+                    best = max(best, mean_ce())
+            finally:
+                with torch.no_grad():
+                    w.copy_(w0)
+                model.zero_grad()
+            scores[name] = best - base
+    return scores
+
+
+def _spearman(a: dict, b: dict) -> float:
+    keys = sorted(a)
+    ra = {k: i for i, k in enumerate(sorted(keys, key=lambda k: (a[k], k)))}
+    rb = {k: i for i, k in enumerate(sorted(keys, key=lambda k: (b[k], k)))}
+    n = len(keys)
+    return 1 - 6 * sum((ra[k] - rb[k]) ** 2 for k in keys) / (n * (n * n - 1))
+
+
+def head_warmed_demo_model(data, dev, seed: int):
+    """The demo encoder with an MLP head trained on clean features (a stand-in stage-1 model)."""
+    torch.manual_seed(seed)
+    model = DownstreamModel(load_encoder("demo"), data.num_classes).to(dev).eval()
+    xs, ys = data.train.float_images().to(dev), data.train.labels.to(dev)
+    with torch.no_grad():
+        feats = torch.cat([model.features(xs[i : i + 512]) for i in range(0, len(xs), 512)])
+    opt = torch.optim.Adam(model.head.parameters(), lr=5e-3)
+    model.head.train()
+    for _ in range(5):
+        perm = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))
+        for i in range(0, len(xs), 128):
+            idx = perm[i : i + 128].to(dev)
+            loss = F.cross_entropy(model.forward_head(feats[idx]), ys[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def bench_stage2(model, data, dev, probe_size: int, seed: int, log=print) -> dict:
+    cfg = GENAF_DEFAULTS
+    val = data.val.subset(probe_size)
+    xs, ys = val.float_images().to(dev), val.labels.to(dev)
+    gen = torch.Generator().manual_seed(seed)
+    adv = torch.cat(
+        [pgd(model, xs[i : i + 256], ys[i : i + 256], EPS, STEP, 10, gen=gen) for i in range(0, len(xs), 256)]
+    )
+    units = weight_units(model)
+    k = max(1, int(cfg["stage2_k_fraction"] * len(units)))
+    log(f"stage 2: {len(units)} layers, probe of {len(adv)} PGD-10 examples, k = {k}")
+    robust_sensitivity(model, adv[:64], ys[:64], eta=cfg["eta"], steps=1)  # warm-up
+    t_g, c_g = [], []
+    for _ in range(2):
+        t0, c0 = time.perf_counter(), time.process_time()
+        ours = robust_sensitivity(
+            model,
+            adv,
+            ys,
+            eta=cfg["eta"],
+            steps=cfg["sensitivity_steps"],
+            ascent_fraction=cfg["sensitivity_fraction"],
+            seed=seed,
+        )
+        _sync(dev)
+        t_g.append(time.perf_counter() - t0)
+        c_g.append(time.process_time() - c0)
+    log(f"stage 2: genaf robust_sensitivity {_median(t_g):.1f} s; the reference procedure runs now")
+    t0, c0 = time.perf_counter(), time.process_time()
+    ref = reference_sensitivity(model, adv, ys, eta=cfg["eta"])
+    _sync(dev)
+    t_r, c_r = time.perf_counter() - t0, time.process_time() - c0
+    sel_g, sel_r = select_redundant(ours, k), select_redundant(ref, k)
+    return {
+        "stage2_setting": {
+            "model": "the PGD-10 Gen-AF stage-1 demo model (demo encoder + MLP head)",
+            "probe": f"{len(adv)} PGD-10 examples (8/255, 2/255) from the validation split",
+            "eta": cfg["eta"],
+            "genaf": f"steps {cfg['sensitivity_steps']}, ascent fraction {cfg['sensitivity_fraction']}, batch 512",
+            "reference": "10 epochs of SGD lr 1 ascent (batch 128, full backward) + 10 evaluation passes per layer",
+            "k": k,
+            "layers": len(units),
+        },
+        "stage2_seconds": round(_median(t_g), 2),
+        "stage2_reference_seconds": round(t_r, 2),
+        "stage2_speedup_vs_reference": round(t_r / _median(t_g), 2),
+        "stage2_speedup_vs_reference_cpu": round(c_r / _median(c_g), 2),
+        "stage2_topk_overlap": len(set(sel_g) & set(sel_r)) / k,
+        "stage2_selected": sel_g,
+        "stage2_reference_selected": sel_r,
+        "stage2_rank_correlation": round(_spearman(ours, ref), 3),
+        "stage2_scores": {n: [round(ours[n], 5), round(ref[n], 5)] for n in units},
+    }
+
+
+# ---------------------------------------------------------------------------- bf16 agreement
+def bf16_agreement(models: dict, data, dev) -> dict:
+    xs = data.test.float_images().to(dev)
+    out = {}
+    for name, model in models.items():
+        model = model.to(dev).eval()
+        agree = 0
+        with torch.no_grad():
+            for i in range(0, len(xs), 256):
+                p32 = model(xs[i : i + 256]).argmax(1)
+                with torch.autocast(dev.type, dtype=torch.bfloat16):
+                    p16 = model(xs[i : i + 256]).argmax(1)
+                agree += int((p32 == p16).sum())
+        out[name] = agree / len(xs)
+    return {"bf16_prediction_agreement": min(out.values()), "bf16_agreement_by_model": out, "bf16_n_test": len(xs)}
+
+
+# ---------------------------------------------------------------------------- main
+TARGETS = {
+    "stage1_over_bound": ("<=", 1.10),
+    "stage1_speedup_vs_reference": (">=", 1.3),
+    "stage2_speedup_vs_reference": (">=", 20.0),
+    "stage2_topk_overlap": (">=", 0.75),
+    "fast_epoch_speedup": (">=", 3.0),
+    "fast_ra_gap_points": ("<=", 5.0),
+    "bf16_prediction_agreement": (">=", 0.98),
+}
+
+
+def table(res: dict) -> str:
+    lines = [f"{'metric':<34s} {'value':>12s}  target"]
+    keys = [
+        "stage1_step_ms",
+        "reference_step_ms",
+        "stage1_bound_ms",
+        "stage1_concat_step_ms",
+        "stage1_over_bound",
+        "stage1_speedup_vs_reference",
+        "stage2_seconds",
+        "stage2_reference_seconds",
+        "stage2_speedup_vs_reference",
+        "stage2_topk_overlap",
+        "fast_epoch_speedup",
+        "fast_epoch_speedup_wall",
+        "fast_ra_gap_points",
+        "bf16_prediction_agreement",
+        "peak_rss_mb",
+        "cuda_bf16_step_ms",
+        "cuda_images_per_s",
+        "cuda_floor_ms",
+        "cuda_fraction_of_floor",
+    ]
+    for k in keys:
+        if k not in res:
+            continue
+        v = res[k]
+        tgt = ""
+        if k in TARGETS:
+            op, t = TARGETS[k]
+            ok = v <= t if op == "<=" else v >= t
+            tgt = f"{op} {t}  {'met' if ok else 'MISSED'}"
+        lines.append(f"{k:<34s} {v:>12.3f}  {tgt}" if isinstance(v, float) else f"{k:<34s} {v!s:>12s}  {tgt}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument(
+        "--quick", action="store_true", help="small split, few epochs and repetitions (< 15 min on 2 cores)"
+    )
+    ap.add_argument("--out", required=True, help="the JSON file to write")
+    ap.add_argument("--work", default=None, help="folder for DAEs and demo runs (default: a temporary folder)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.rss_probe:
+        _rss_probe(a.steps, a.batch)
+        return 0
+    parts = [p for p in a.parts.split(",") if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        ap.error(f"unknown part(s) {bad}; choose from {PARTS}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    dev = torch.device(a.device)
+    plan = PLAN["quick" if a.quick else "full"]
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    res: dict = {
+        "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": a.device,
+        },
+        "quick": a.quick,
+    }
+    tmp = None
+    if a.work:
+        work = Path(a.work)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="genaf-speed-")
+        work = Path(tmp.name)
+    try:
+        if "stage1" in parts:
+            res.update(bench_stage1(dev, plan["reps"], log=log))
+        models, data = {}, None
+        if "fast" in parts:
+            out, runs = bench_fast(dev, plan, a.quick, work, a.seed, log=log)
+            res.update(out)
+            models = {name: load_model(run, dev) for name, run in runs.items()}
+        if "stage2" in parts or "bf16" in parts:
+            data = demo_data(plan, a.seed)
+            if not models:
+                models = {"head-warmed": head_warmed_demo_model(data, dev, a.seed)}
+        if "stage2" in parts:
+            model = models.get("pgd10", next(iter(models.values())))
+            res.update(bench_stage2(model, data, dev, plan["probe"], a.seed, log=log))
+            if "pgd10" not in models:
+                res["stage2_setting"]["model"] = "demo encoder + head trained on clean features"
+        if "bf16" in parts:
+            res.update(bf16_agreement(models, data, dev))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    res["seconds"] = round(time.perf_counter() - t_start, 1)
+    res["targets"] = {
+        k: {"target": f"{op} {t}", "met": (res[k] <= t if op == "<=" else res[k] >= t)}
+        for k, (op, t) in TARGETS.items()
+        if k in res
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(table(res))
+    print(f"wrote {a.out} ({res['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
