@@ -229,7 +229,7 @@ def train_pass(model, x, xa, y, amp: bool, dev) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def bench_stage1(dev, reps: int, steps: int = 10, batch: int = 64, log=print) -> dict:
+def bench_stage1(dev, reps: int, steps: int = 10, batch: int = 64, log=print, compile_mode: str = "none") -> dict:
     torch.manual_seed(0)
     base = resnet18_model(64).to(dev)
     reference = copy.deepcopy(base.encoder).eval().requires_grad_(False)
@@ -323,7 +323,53 @@ def bench_stage1(dev, reps: int, steps: int = 10, batch: int = 64, log=print) ->
     }
     if dev.type == "cuda":
         out.update(cuda_extras(base, reference, x, y, cfg, dev, reps, log))
+    if compile_mode != "none":
+        amp = dev.type == "cuda"  # the GPU recipe: bf16 autocast + channels_last; fp32 on the CPU
+        got = compiled_step(base, reference, x, y, cfg, dev, reps, compile_mode, amp, log)
+        out.update(got)
+        if "stage1_compiled_step_ms" in got:
+            out["stage1_compiled_speedup_vs_reference"] = round(
+                out["reference_step_ms"] / got["stage1_compiled_step_ms"], 3
+            )
+            if "cuda_floor_ms" in out:
+                out["cuda_compiled_fraction_of_floor"] = round(out["cuda_floor_ms"] / got["stage1_compiled_step_ms"], 3)
     return out
+
+
+def compiled_step(base, reference, x, y, cfg, dev, reps, mode: str, amp: bool, log) -> dict:
+    """The Gen-AF stage-1 step with the model under ``torch.compile`` (``train.compile``): the
+    compile time (first calls, one graph per train/eval mode), then the median step; counts the
+    graphs compiled during the timed steps (0 = no recompilation when the mode flips)."""
+    import torch._dynamo
+
+    from genaf.train import compile_model
+
+    model = copy.deepcopy(base)
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compile_model(model, mode)
+    run = GenafStep(model, cfg, reference, dev, amp=amp, channels_last=amp)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            run(x, y)
+        _sync(dev)
+        warm = time.perf_counter() - t0
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        ts = [_timed(lambda: run(x, y), dev) for _ in range(max(3, reps))]
+        after = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    except Exception as exc:  # a compiler missing on this machine must not lose the other figures
+        log(f"torch.compile ({mode}) failed: {str(exc).splitlines()[0]}")
+        return {"stage1_compiled_error": str(exc).splitlines()[0][:300]}
+    step = _median(ts)
+    log(f"compiled ({mode}, {'bf16 channels_last' if amp else 'fp32'}) step {1000 * step:.1f} ms; warm-up {warm:.0f} s")
+    return {
+        "stage1_compiled_step_ms": round(1000 * step, 2),
+        "stage1_compiled_setting": {"mode": mode, "precision": "bf16 autocast + channels_last" if amp else "fp32"},
+        "stage1_compiled_warmup_s": round(warm, 1),
+        "stage1_compiled_new_graphs_while_timed": int(after - before),
+    }
 
 
 def rss_of_a_step(steps: int, batch: int) -> dict:
@@ -684,6 +730,10 @@ def table(res: dict) -> str:
         "cuda_images_per_s",
         "cuda_floor_ms",
         "cuda_fraction_of_floor",
+        "stage1_compiled_step_ms",
+        "stage1_compiled_speedup_vs_reference",
+        "cuda_compiled_fraction_of_floor",
+        "stage1_compiled_new_graphs_while_timed",
     ]
     for k in keys:
         if k not in res:
@@ -708,6 +758,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="folder for DAEs and demo runs (default: a temporary folder)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--compile",
+        default="none",
+        choices=("none", "default", "reduce-overhead", "max-autotune"),
+        help="also time the stage-1 step under torch.compile (bf16 + channels_last on cuda)",
+    )
     ap.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
@@ -749,7 +805,7 @@ def main(argv=None) -> int:
         work = Path(tmp.name)
     try:
         if "stage1" in parts:
-            res.update(bench_stage1(dev, plan["reps"], log=log))
+            res.update(bench_stage1(dev, plan["reps"], a.steps, a.batch, log=log, compile_mode=a.compile))
         models, data = {}, None
         if "fast" in parts:
             out, runs = bench_fast(dev, plan, a.quick, work, a.seed, log=log)

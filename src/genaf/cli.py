@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="any method option")
     p.add_argument("--amp", default=None, choices=["none", "bf16"])
     p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument(
+        "--compile",
+        default=None,
+        choices=["none", "default", "reduce-overhead", "max-autotune"],
+        help="torch.compile the model (GPU users; one graph per train/eval mode)",
+    )
     p.add_argument("--resume", action="store_true")
     _data_args(p)
     _common(p)
@@ -145,7 +151,13 @@ def cmd_finetune(a) -> int:
             mc[k] = v
     if file_cfg and "method_config" in file_cfg:
         mc = {**file_cfg["method_config"], **mc}
-    train = {"batch_size": a.batch_size, "device": a.device, "amp": a.amp, "channels_last": a.channels_last}
+    train = {
+        "batch_size": a.batch_size,
+        "device": a.device,
+        "amp": a.amp,
+        "channels_last": a.channels_last,
+        "compile": a.compile,
+    }
     data = {
         "root": a.data_root,
         "image_size": a.image_size,

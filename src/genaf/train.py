@@ -30,6 +30,23 @@ from .methods.base import Context, Method, ParamGroup, Stage
 from .utils import generator, torch_save_atomic, unit_seed
 
 CHECKPOINT = "checkpoint.pt"
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def compile_model(model: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:
+    """Compile ``model`` in place (``nn.Module.compile``: state_dict keys stay unchanged).
+
+    The attack runs the model in eval mode and the update in train mode; dynamo guards on the
+    mode and keeps one graph per mode in its cache, so flipping between them does not recompile
+    (``tests/test_compile.py`` counts the compilations).
+    """
+    if mode == "none":
+        return model
+    kwargs: dict = {"backend": backend}
+    if backend == "inductor" and mode != "default":
+        kwargs["mode"] = mode
+    model.compile(**kwargs)
+    return model
 
 
 @dataclass
@@ -40,6 +57,10 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"  # "none" | "bf16"
     channels_last: bool = False
+    # torch.compile of the downstream model: "none" | "default" | "reduce-overhead" | "max-autotune"
+    # (inductor modes); compile_backend picks another dynamo backend ("aot_eager", "eager", ...).
+    compile: str = "none"
+    compile_backend: str = "inductor"
     augment: bool = True
     n_val_robust: int = 512  # validation images attacked each epoch for model selection
     val_eps: float = 8 / 255
@@ -52,6 +73,8 @@ class TrainConfig:
             raise ConfigError(f"batch size must be positive, got {self.batch_size}")
         if self.amp not in ("none", "bf16"):
             raise ConfigError(f"amp must be 'none' or 'bf16', got '{self.amp}'")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got '{self.compile}'")
 
 
 def _make_optimizer(group: ParamGroup):
@@ -180,6 +203,7 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         reference = copy.deepcopy(self.model.encoder).eval().requires_grad_(False)
+        compile_model(self.model, cfg.compile, cfg.compile_backend)  # after the copy: never deepcopy a compiled module
         ctx = Context(self.data, self.device, cfg.seed, reference, self.log, self.run_dir, self.artifacts)
         start_stage, start_epoch, ckpt = 0, 0, None
         if resume:

@@ -146,10 +146,18 @@ class EncoderAttack:
         self.eps = check_eps(cfg["eps"])
         self.seed = int(cfg.get("seed", 0))
         self.layer = str(cfg.get("layer") or "")
-        self.tap = LayerTap(encoder, [self.layer]) if self.layer else None
+        auto = [k for k in ("layer", "layer2") if cfg.get(k) == "auto"]
+        if auto and not getattr(type(self), "auto_layer", False):
+            raise ConfigError(
+                f"attack {self.name} does not support {auto[0]}: auto (l4a-base, l4a-fuse, std and "
+                "ssp-universal do); give a layer name"
+            )
+        self.tap = LayerTap(encoder, [self.layer]) if self.layer and self.layer != "auto" else None
 
     def layer_output(self, x: torch.Tensor) -> torch.Tensor:
         """The output of the ``layer`` option's module (the encoder's features when it is '')."""
+        if self.layer == "auto":
+            raise ConfigError(f"{self.name}: layer 'auto' is resolved by fit(); score a fitted layer by name")
         if self.tap is None:
             return self.encoder(x)
         return self.tap(x)[self.layer]

@@ -60,18 +60,25 @@ _L4A_CPU = {"eps": 0.05, "step": 1e-3, "batch_size": 64, "iterations": 300, "ini
 class L4AFuse(UniversalAttack):
     """L4A on two layers at once: ``mean(A_layer²) + lam · mean(A_layer2²)``."""
 
+    auto_layer = True  # layer: auto (genaf.attacks.layer_select)
+    extra_keys = ("layer_candidates",)
+
     presets = {
         # METHOD.md §5 (as l4a-base): ε 0.05, sign step 2e-4, batch 16, U(±ε) init.
         "paper": dict(_L4A_PAPER, layer="relu", layer2="layer1", lam=1.0),
-        # Same ε; larger steps and batches so that it converges in seconds on a CPU.
-        "cpu": dict(_L4A_CPU, layer="relu", layer2="layer1", lam=1.0),
+        # Same ε; larger steps and batches so that it converges in seconds on a CPU. The second
+        # layer is chosen by the attacker on held-out surrogate images among the stem and the
+        # stage-1/2 blocks (genaf.attacks.layer_select): the reference pair (stem, layer1) barely
+        # beats noise on the demo encoder (docs/ATTACKS.md has both rows).
+        "cpu": dict(_L4A_CPU, layer="relu", layer2="auto", lam=1.0),
     }
 
     def __init__(self, encoder, preset="cpu", **cfg):
         super().__init__(encoder, preset, **cfg)
         self.layers = (cfg["layer"], cfg["layer2"])
         self.lam = float(cfg["lam"])
-        self.tap = LayerTap(encoder, list(dict.fromkeys(self.layers)))
+        auto = "auto" in self.layers
+        self.tap = None if auto else LayerTap(encoder, list(dict.fromkeys(self.layers)))
 
     def objective(self, x_adv, x):
         out = self.tap(x_adv)

@@ -19,6 +19,9 @@ def feature_distortion(adv: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
 
 @register_attack("ssp-universal")
 class SSPUniversal(UniversalAttack):
+    auto_layer = True  # layer: auto (genaf.attacks.layer_select)
+    extra_keys = ("layer_candidates",)
+
     presets = {
         "paper": {
             "eps": 16 / 255,

@@ -30,6 +30,9 @@ def dispersion(a: torch.Tensor) -> torch.Tensor:
 class StdAttack(UniversalAttack):
     """Minimise ``dispersion(A_layer(x+δ))`` (returned negated, for the maximising loop)."""
 
+    auto_layer = True  # layer: auto (genaf.attacks.layer_select)
+    extra_keys = ("layer_candidates",)
+
     presets = {
         "paper": {
             "eps": 0.05,

@@ -10,6 +10,7 @@ from torch import nn
 from ..data import ImageSet
 from ..utils import generator, tensor_hash
 from .base import EncoderAttack, eval_mode, input_grad
+from .layer_select import AUTO_KEYS, fit_auto
 from .perturbation import Perturbation
 
 
@@ -36,6 +37,8 @@ class UniversalAttack(EncoderAttack):
         return (torch.rand(shape, generator=gen) * 2 - 1) * self.eps
 
     def fit(self, data: ImageSet, device: str | torch.device = "cpu", surrogate: str = "", log=None) -> Perturbation:
+        if any(self.cfg.get(k) == "auto" for k in AUTO_KEYS):
+            return fit_auto(self, data, device, surrogate, log)
         device = torch.device(device)
         gen = generator(self.seed, f"attack:{self.name}")
         c, h, w = data.images.shape[1:]

@@ -1,0 +1,113 @@
+"""``layer: auto`` — the attacker picks the hooked layer from the public encoder and surrogate data.
+
+Layer-objective attacks (L4A/PAP, its fuse variant) are defined on "a low layer", and which low
+layer works best differs from encoder to encoder. An attacker in the DAE threat model holds the
+encoder and surrogate images, so it can choose: with ``layer: auto`` (or ``layer2: auto``) the
+attack is crafted once per candidate layer on most of the surrogate images, and the candidate
+whose δ moves the encoder's **output features** the most on the remaining held-out surrogate
+images wins. The score is the mean cosine distance ``1 − cos(f(x), f(x+δ))``.
+
+Nothing downstream (head, labels, fine-tuned weights, test data) takes part in the choice. The
+perturbation records every candidate's score and the winner in its config (``layer_auto``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from ..data import ImageSet
+from ..errors import ConfigError
+from .base import eval_mode
+
+AUTO_KEYS = ("layer", "layer2")
+HELD_OUT_FRACTION = 0.2
+_LOW_BLOCK = re.compile(r"^layer[12]\.\d+$")
+
+
+def low_layer_candidates(encoder) -> list[str]:
+    """The stem output and every residual block of the first two stages (ResNet naming)."""
+    names = encoder.layer_names()
+    low = [n for n in names if _LOW_BLOCK.match(n)]
+    stem = ["relu"] if "relu" in names else []
+    return stem + low
+
+
+def candidates_for(attack, key: str) -> list[str]:
+    given = str(attack.cfg.get("layer_candidates") or "")
+    names = [n.strip() for n in given.split(",") if n.strip()] or low_layer_candidates(attack.encoder)
+    if not names:
+        raise ConfigError(
+            f"{attack.name}: {key}: auto needs layer_candidates for this encoder (no ResNet stem or "
+            "stage-1/2 blocks found); set layer_candidates to a comma-separated list of its layers"
+        )
+    for n in names:
+        attack.encoder.get_layer(n)  # an unknown name lists the available ones
+    other = [attack.cfg.get(k) for k in AUTO_KEYS if k != key]
+    return [n for n in names if n not in other]
+
+
+def split_surrogate(data: ImageSet) -> tuple[ImageSet, ImageSet]:
+    """Deterministic split: the last ``HELD_OUT_FRACTION`` of the images score the candidates."""
+    n = len(data)
+    if n < 10:
+        raise ConfigError(f"layer: auto needs at least 10 surrogate images to hold some out, got {n}")
+    k = max(int(round(n * HELD_OUT_FRACTION)), 5)
+    cut = n - k
+
+    def part(sl: slice) -> ImageSet:
+        return ImageSet(data.images[sl], data.labels[sl], data.indices[sl], data.split)
+
+    return part(slice(0, cut)), part(slice(cut, n))
+
+
+@torch.no_grad()
+def feature_distortion(encoder, delta: torch.Tensor, data: ImageSet, device, batch_size: int = 256) -> float:
+    """Mean ``1 − cos(f(x), f(x+δ))`` of the encoder's output features over ``data``."""
+    total, n = 0.0, 0
+    with eval_mode(encoder):
+        for x, _, _ in data.batches(batch_size, device=device):
+            f0 = encoder(x).flatten(1).float()
+            f1 = encoder((x + delta.to(device)).clamp(0, 1)).flatten(1).float()
+            total += float((1 - F.cosine_similarity(f0, f1, dim=1)).sum())
+            n += len(x)
+    return total / max(n, 1)
+
+
+def fit_auto(attack, data: ImageSet, device, surrogate: str = "", log=None):
+    """Craft ``attack`` once per candidate layer and keep the one that distorts features most."""
+    keys = [k for k in AUTO_KEYS if attack.cfg.get(k) == "auto"]
+    if len(keys) != 1:
+        raise ConfigError(f"{attack.name}: only one of {AUTO_KEYS} may be 'auto' (got {keys})")
+    key = keys[0]
+    craft_set, held_out = split_surrogate(data)
+    scores: dict[str, float] = {}
+    best = None
+    seconds = 0.0
+    for cand in candidates_for(attack, key):
+        sub = type(attack)(attack.encoder, attack.preset, **{**attack.cfg, key: cand})
+        pert = sub.fit(craft_set, device=device, surrogate=surrogate)
+        seconds += getattr(sub, "seconds", 0.0)
+        scores[cand] = feature_distortion(attack.encoder, pert.delta, held_out, device)
+        if log:
+            log(f"{attack.name}: {key}={cand}: held-out feature distortion {scores[cand]:.4f}")
+        if best is None or scores[cand] > scores[best[0]]:
+            best = (cand, pert, sub)
+    assert best is not None
+    cand, pert, sub = best
+    # From here on the attack *is* the winning candidate (its objective, ``score``, a refit).
+    for k, v in vars(sub).items():
+        setattr(attack, k, v)
+    attack.seconds = seconds
+    attack.images_seen = getattr(sub, "images_seen", 0) * len(scores)
+    attack.history = getattr(sub, "history", [])
+    pert.config["layer_auto"] = {
+        "key": key,
+        "chosen": cand,
+        "scores": scores,
+        "rule": "max mean 1-cos(f(x), f(x+delta)) on the held-out surrogate images",
+        "held_out": len(held_out),
+    }
+    return pert
