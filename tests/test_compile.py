@@ -82,3 +82,17 @@ def test_compiled_once_per_mode_and_same_result(tmp_path, small):
 def test_bad_compile_mode():
     with pytest.raises(ConfigError, match="compile must be one of"):
         TrainConfig(compile="fast").validate()
+
+
+def test_data_placement_rules(tiny_data):
+    from genaf.train import fits_on_device, place_data
+
+    assert fits_on_device(1 << 30, 8 << 30) and not fits_on_device(3 << 30, 8 << 30)
+    assert place_data(tiny_data, torch.device("cpu"), "on") is tiny_data  # nothing to move on the CPU
+    with pytest.raises(ConfigError, match="data_on_device must be"):
+        TrainConfig(data_on_device="yes").validate()
+    if torch.cuda.is_available():  # on a GPU machine: the images live on the device, still uint8
+        moved = place_data(tiny_data, torch.device("cuda"), "on")
+        assert moved.train.images.is_cuda and moved.train.images.dtype == torch.uint8
+        x, y, _ = next(moved.train.batches(8, device="cuda"))
+        assert x.is_cuda and y.is_cuda

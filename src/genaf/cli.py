@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--eps", default=None, help="training PGD budget, e.g. 8/255")
     p.add_argument("--lam", type=float, default=None, help="genetic regulariser weight (genaf)")
+    p.add_argument(
+        "--attack-steps",
+        type=int,
+        default=None,
+        help="training PGD steps K; 1 = fast mode (FGSM with random start, step 1.25 eps, overfitting guard)",
+    )
     p.add_argument("--head", default=None, choices=["mlp", "linear"])
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="any method option")
     p.add_argument("--amp", default=None, choices=["none", "bf16"])
@@ -146,7 +152,7 @@ def cmd_finetune(a) -> int:
 
     file_cfg = load_yaml(a.config) if a.config else None
     mc = parse_assignments(a.sets)
-    for k, v in (("epochs", a.epochs), ("lam", a.lam), ("eps", _eps(a.eps))):
+    for k, v in (("epochs", a.epochs), ("lam", a.lam), ("eps", _eps(a.eps)), ("attack_steps", a.attack_steps)):
         if v is not None:
             mc[k] = v
     if file_cfg and "method_config" in file_cfg:

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import ConfigError, unknown
 from .base import register_attack
 from .perturbation import Perturbation
-from .surrogate_head import HEAD_KINDS, fit_surrogate_head
+from .surrogate_head import HEAD_KINDS, head_for_attack
 from .universal import UniversalAttack
 
 OBJECTIVES = ("layer-norm", "clipped-ce")
@@ -100,15 +100,7 @@ class SGDUAP(UniversalAttack):
         self.head: nn.Module | None = None
 
     def fit_head(self, data, device="cpu") -> nn.Module:
-        n = int(self.cfg.get("head_images") or 0)
-        self.head = fit_surrogate_head(
-            self.encoder,
-            data.subset(n) if n > 0 else data,
-            kind=self.cfg.get("head", "kmeans"),
-            n_classes=int(self.cfg.get("head_classes", 10)),
-            seed=self.seed,
-            device=device,
-        )
+        self.head = head_for_attack(self, data, device)
         return self.head
 
     def fit(self, data, device: str | torch.device = "cpu", surrogate: str = "", log=None) -> Perturbation:

@@ -186,3 +186,17 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = z.gather(1, y.view(-1, 1)).squeeze(1)
     other = z.scatter(1, y.view(-1, 1), float("-inf")).amax(1)
     return (other - true).mean()
+
+
+def head_for_attack(attack, data, device="cpu") -> SurrogateHead:
+    """The surrogate head an attack's options ask for (``head``, ``head_classes``,
+    ``head_images``): shared by ``uap`` and ``sgd-uap --set objective=clipped-ce``."""
+    n = int(attack.cfg.get("head_images") or 0)
+    return fit_surrogate_head(
+        attack.encoder,
+        data.subset(n) if n > 0 else data,
+        kind=attack.cfg.get("head", "kmeans"),
+        n_classes=int(attack.cfg.get("head_classes", 10)),
+        seed=attack.seed,
+        device=device,
+    )

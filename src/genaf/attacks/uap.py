@@ -38,7 +38,7 @@ from ..errors import ConfigError, unknown
 from ..utils import generator
 from .base import eval_mode, input_grad, register_attack
 from .perturbation import Perturbation
-from .surrogate_head import HEAD_KINDS, fit_surrogate_head, margin_loss
+from .surrogate_head import HEAD_KINDS, head_for_attack, margin_loss
 from .universal import UniversalAttack
 
 DEEPFOOL_NORMS = ("linf", "l2")
@@ -171,15 +171,7 @@ class UAP(UniversalAttack):
         return self.head(self.encoder(x))
 
     def fit_head(self, data, device="cpu") -> nn.Module:
-        n = int(self.cfg.get("head_images") or 0)
-        self.head = fit_surrogate_head(
-            self.encoder,
-            data.subset(n) if n > 0 else data,
-            kind=self.cfg.get("head", "kmeans"),
-            n_classes=int(self.cfg.get("head_classes", 10)),
-            seed=self.seed,
-            device=device,
-        )
+        self.head = head_for_attack(self, data, device)
         return self.head
 
     @torch.no_grad()
