@@ -278,3 +278,18 @@ def test_front_and_area():
     assert pareto_front(pts) == ["b", "d", "a"]
     # union of [0,90]x[0,10], [0,80]x[0,60], [0,70]x[0,80]
     assert front_area([pts[k] for k in "abd"]) == pytest.approx(90 * 10 + 80 * 50 + 70 * 20)
+
+
+def test_changed_preset_in_code_recrafts(tmp_path, monkeypatch):
+    """The perturbation cache key holds the preset's values, not only its name: a preset whose
+    values change in the code is crafted again instead of silently reusing the old file."""
+    from genaf.attacks.base import _ATTACKS
+    from genaf.bench import Bench
+
+    b = Bench(load_config(TINY), tmp_path)
+    a = next(x for x in b.cfg.attacks if x.attack == "l4a-base")
+    before = b.pert_fp("random:demo", a, a.eps[0], 0)
+    assert b.pert_fp("random:demo", a, a.eps[0], 0) == before  # stable
+    cls = _ATTACKS["l4a-base"]
+    monkeypatch.setattr(cls, "presets", {**cls.presets, "cpu": {**cls.presets["cpu"], "step": 0.5}})
+    assert b.pert_fp("random:demo", a, a.eps[0], 0) != before

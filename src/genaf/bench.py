@@ -891,6 +891,12 @@ class Bench:
                 "attack": a.attack,
                 "preset": a.preset,
                 "options": a.options,
+                # the preset's values as the code has them now: a changed preset re-crafts
+                "resolved": {
+                    k: v
+                    for k, v in {**_attack_class(a.attack).presets.get(a.preset, {}), **a.options}.items()
+                    if k != "eps"
+                },
                 "eps": eps,
                 "seed": seed,
                 "surrogate": s,
