@@ -287,7 +287,7 @@ def bench_stage1(dev, reps: int, steps: int = 10, batch: int = 64, log=print, co
             "K": steps,
             "precision": "fp32",
             "device": dev.type,
-            "genaf_config": "GENAF_DEFAULTS (features space, pre-trained target, lam 1e4, mean reduction)",
+            "genaf_config": "GENAF_DEFAULTS (features space, clean student, adversarial target, lam 1e4, mean reduction)",
             "reps": reps,
         },
         "stage1_step_ms": round(1000 * med["separate"], 1),
