@@ -9,6 +9,17 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's duration (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``): its batches are tiny, and on a busy 2-core machine two spinning threads make
+    every step an order of magnitude slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_data():
     """A tiny Fashion-MNIST split (the real offline dataset)."""

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from genaf.bench import COLUMNS, KEY_COLUMNS, load_config, run_bench
@@ -45,13 +44,7 @@ TINY = {
 N_ROWS = 2 * 2 * (2 + 1 + 2 + 1)  # methods × seeds × (dae + white-box + fresh-head + self-attack)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The machine is shared: two threads per process thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env():

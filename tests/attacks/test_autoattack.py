@@ -14,15 +14,6 @@ from genaf.errors import ConfigError
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture()
-def one_thread():
-    """The attacks run many small ops; on a shared 2-core box one thread is much faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_dlr_losses_hand_computed():
     z = torch.tensor([[3.0, 1.0, 2.0, 0.0], [3.0, 1.0, 2.0, 0.0], [1.0, 4.0, 0.0, 2.0]])
     y = torch.tensor([0, 2, 1])

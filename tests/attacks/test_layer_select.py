@@ -10,12 +10,7 @@ from genaf.errors import ConfigError, SpecError
 EPS = 16 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_candidates_and_split(tiny_encoder, tiny_data):

@@ -17,14 +17,7 @@ UAP_CFG = {"images": 24, "max_passes": 1, "head_images": 96}
 SGD_CFG = {"objective": "clipped-ce", "iterations": 24, "batch_size": 32, "head_images": 96}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """UAP runs DeepFool on one image at a time (batches of ≤ top_k copies at 28×28): a second
-    intra-op thread buys nothing there and, on a loaded 2-core machine, costs many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_kmeans_two_blobs():

@@ -26,14 +26,7 @@ EPS = 8 / 255
 FAST = dict(epochs=1, attack_steps=1, warmup_epochs=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these batches are tiny, and on a loaded 2-core machine two
-    spinning threads make every step an order of magnitude slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ from genaf.train import TrainConfig, Trainer
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Trap(nn.Module):
