@@ -384,15 +384,9 @@ def load_config(config: str | os.PathLike | dict) -> BenchConfig:
     if isinstance(config, dict):
         raw = copy.deepcopy(config)
     else:
-        path = Path(config)
-        if not path.is_file():
-            raise _fail(f"bench config {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise _fail(f"bench config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-        if not isinstance(raw, dict):
-            raise _fail(f"bench config {path} must hold a mapping at the top level")
+        from .config import load_yaml
+
+        raw = load_yaml(config, "bench config")
     _check_keys(raw, TOP_KEYS, "the bench config")
     for req in ("methods", "attacks"):
         if req not in raw:
