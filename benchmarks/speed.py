@@ -287,7 +287,8 @@ def bench_stage1(dev, reps: int, steps: int = 10, batch: int = 64, log=print, co
             "K": steps,
             "precision": "fp32",
             "device": dev.type,
-            "genaf_config": "GENAF_DEFAULTS (features space, clean student, adversarial target, lam 1e4, mean reduction)",
+            "genaf_config": "GENAF_DEFAULTS (features space, clean student, adversarial target, "
+            "lam 1e4, mean reduction)",
             "reps": reps,
         },
         "stage1_step_ms": round(1000 * med["separate"], 1),
@@ -402,20 +403,38 @@ def _rss_probe(steps: int, batch: int) -> None:
     print(json.dumps({"before_mb": round(before, 1), "peak_mb": round(peak, 1)}))
 
 
+def count_flops(fn) -> int:
+    """FLOPs of ``fn()`` by torch's per-operator formulas (``flop_registry``), counted in a plain
+    dispatch mode: ``FlopCounterMode`` also tracks modules with multi-grad hooks, which
+    ``torch.autograd.grad`` (every PGD step) refuses to run under."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class _Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += int(formula(*args, **kwargs, out_val=out))
+            return out
+
+    with _Count() as mode:
+        fn()
+    return mode.total
+
+
 def cuda_extras(base, reference, x, y, cfg, dev, reps, log) -> dict:
     """bf16-autocast channels-last stage-1 step: ms, images/s, FLOPs, bf16 matmul rate, floor."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = copy.deepcopy(base).to(memory_format=torch.channels_last)
     run = GenafStep(model, cfg, reference, dev, amp=True, channels_last=True)
     run(x, y)
     run(x, y)
     ts = [_timed(lambda: run(x, y), dev) for _ in range(max(3, reps))]
     step = _median(ts)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        run(x, y)
-    flops = counter.get_total_flops()
+    flops = count_flops(lambda: run(x, y))
     n = 8192
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)

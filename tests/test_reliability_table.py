@@ -114,6 +114,12 @@ CASES = [
         "available: ",
     ),
     (
+        "patch place that does not exist",
+        ["attack", "--encoder", "random:demo", "--attack", "advencoder-patch", "--eps", "16/255"]
+        + ["--set", "location=centre", "--out", "{tmp}/p.pt"],
+        "did you mean 'center'",
+    ),
+    (
         "attack option that does not exist",
         ["attack", "--encoder", "random:demo", "--attack", "l4a-base", "--eps", "16/255", "--set", "stepz=1"]
         + ["--out", "{tmp}/p.pt"],

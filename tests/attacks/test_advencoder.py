@@ -5,12 +5,14 @@ import torch
 
 from genaf.attacks import Perturbation, create_attack
 from genaf.attacks.advencoder import (
+    LOCATIONS,
     advencoder_loss,
     effective_radius,
     frequency_penalty,
     high_pass,
     info_nce,
     patch_mask,
+    patch_origin,
 )
 from genaf.attacks.base import _ATTACKS
 from genaf.errors import ConfigError, SpecError
@@ -95,6 +97,18 @@ def test_radius_and_mask_geometry():
         assert side * side == int(m.sum())  # a square
         assert int(rows.max()) == h - 1 and int(cols.max()) == w - 1  # flush bottom-right
         assert int(rows.min()) == h - side and int(cols.min()) == w - side
+        assert torch.equal(patch_mask(h, w, 0.03, "bottom-right"), m)
+        for loc in LOCATIONS:  # every named place: the same square, flush with the named edges
+            ml = patch_mask(h, w, 0.03, loc)
+            r, c = ml[0, 0].nonzero(as_tuple=True)
+            assert int(ml.sum()) == side * side and int(r.max() - r.min()) == int(c.max() - c.min()) == side - 1
+            top, left = int(r.min()), int(c.min())
+            assert top == {"top": 0, "bottom": h - side}.get(loc.split("-")[0], (h - side) // 2)
+            col_word = loc.split("-")[-1] if loc not in ("top", "bottom") else "center"
+            assert left == {"left": 0, "right": w - side}.get(col_word, (w - side) // 2)
+    assert patch_origin(28, 28, 5, "center") == (11, 11) and patch_origin(28, 28, 5, "top") == (0, 11)
+    with pytest.raises(ConfigError, match="did you mean 'bottom-right'"):
+        patch_mask(28, 28, 0.03, "botom-right")
 
 
 # --- the attacks ------------------------------------------------------------------------
@@ -112,7 +126,8 @@ def test_attack_budget_objective_and_seed(name, tiny_encoder, tiny_data):
     for p in tiny_encoder.parameters():
         p.requires_grad_(True)
     tiny_encoder.train()
-    att = create_attack(name, tiny_encoder, eps=EPS, **FAST)
+    place = {"location": "bottom-right"} if name == "advencoder-patch" else {}  # auto: test_layer_select.py
+    att = create_attack(name, tiny_encoder, eps=EPS, **FAST, **place)
     p = att.fit(sur, surrogate="tiny")
     # the encoder got no gradient and is back in train mode; the generator was trained
     assert all(q.grad is None for q in tiny_encoder.parameters())
@@ -142,7 +157,7 @@ def test_attack_budget_objective_and_seed(name, tiny_encoder, tiny_data):
     randoms = [att.score(_random_delta(name, p.delta.shape, g), held) for _ in range(100)]
     assert fitted > max(randoms)
 
-    again = create_attack(name, tiny_encoder, eps=EPS, **FAST).fit(sur)
+    again = create_attack(name, tiny_encoder, eps=EPS, **FAST, **place).fit(sur)
     assert torch.equal(p.delta, again.delta)
     other = create_attack(name, tiny_encoder, eps=EPS, seed=1, iterations=1, batch_size=16).fit(sur)
     first = create_attack(name, tiny_encoder, eps=EPS, iterations=1, batch_size=16).fit(sur)
@@ -157,6 +172,8 @@ def test_presets_and_round_trip(name, tiny_encoder, tiny_data, tmp_path):
     paper = create_attack(name, tiny_encoder, preset="paper")
     assert paper.eps == EPS and paper.lr == 2e-4 and paper.betas == (0.5, 0.999)
     assert (paper.alpha, paper.tau, paper.radius, paper.epochs, paper.batch_size) == (5, 0.1, 8, 20, 256)
+    if name == "advencoder-patch":  # the reference's place; the cpu preset lets the attacker choose
+        assert presets["paper"]["location"] == "bottom-right" and presets["cpu"]["location"] == "auto"
 
     p = create_attack(name, tiny_encoder, iterations=1, batch_size=16).fit(tiny_data.surrogate(16))
     path = tmp_path / f"{name}.safetensors"
@@ -187,3 +204,9 @@ def test_layer_option_and_bad_options(tiny_encoder, tiny_data):
         create_attack("advencoder-patch", tiny_encoder, patch_fraction=1.5)
     with pytest.raises(ConfigError, match="output"):  # the patch has no tanh/clip choice
         create_attack("advencoder-patch", tiny_encoder, output="tanh")
+    with pytest.raises(ConfigError, match="unknown patch location 'centre'.*did you mean 'center'"):
+        create_attack("advencoder-patch", tiny_encoder, location="centre")
+    with pytest.raises(ConfigError, match="resolved by fit"):
+        create_attack("advencoder-patch", tiny_encoder, location="auto").score(
+            torch.zeros(1, 3, 28, 28), tiny_data.surrogate(4)
+        )

@@ -1,9 +1,11 @@
-"""``layer: auto``: the attacker chooses the hooked layer from the encoder and surrogate data only."""
+"""``layer: auto`` and ``location: auto``: the attacker chooses the hooked layer, or the patch's place,
+from the encoder and surrogate data only."""
 
 import pytest
 import torch
 
 from genaf.attacks import create_attack
+from genaf.attacks.advencoder import LOCATIONS, patch_mask
 from genaf.attacks.layer_select import feature_distortion, low_layer_candidates, split_surrogate
 from genaf.errors import ConfigError, SpecError
 
@@ -66,3 +68,32 @@ def test_auto_refused_where_unsupported_and_bad_candidates(tiny_encoder, tiny_da
     att = create_attack("l4a-base", tiny_encoder, eps=EPS, layer="auto")
     with pytest.raises(ConfigError, match="resolved by fit"):
         att.score(torch.zeros(1, 3, 28, 28), tiny_data.surrogate(4))
+
+
+def test_patch_location_auto_picks_the_most_distorting_place(tiny_encoder, tiny_data):
+    sur = tiny_data.surrogate(60)
+    opts = {"iterations": 4, "batch_size": 16}
+    att = create_attack("advencoder-patch", tiny_encoder, location="auto", **opts)
+    p = att.fit(sur)
+    info = p.config["location_auto"]
+    assert "layer_auto" not in p.config and info["key"] == "location" and info["held_out"] == 12
+    assert list(info["scores"]) == list(LOCATIONS)
+    assert info["chosen"] == max(info["scores"], key=info["scores"].get) and p.config["location"] == info["chosen"]
+    assert len(set(info["scores"].values())) > 1  # the places really differ
+    # The patch and its mask sit at the chosen place, and the score is that patch's held-out distortion.
+    assert torch.equal(p.mask, patch_mask(28, 28, 0.03, info["chosen"]))
+    assert torch.equal(p.delta * (1 - p.mask), torch.zeros_like(p.delta))
+    craft, held = split_surrogate(sur)
+    assert feature_distortion(tiny_encoder, p, held, "cpu") == pytest.approx(info["scores"][info["chosen"]], rel=1e-4)
+    # The winner equals the patch crafted at that place by name, and the fitted attack scores there.
+    named = create_attack("advencoder-patch", tiny_encoder, location=info["chosen"], **opts)
+    assert torch.equal(named.fit(craft).delta, p.delta)
+    assert att.score(p.delta, sur) == pytest.approx(named.score(p.delta, sur))
+    # A candidate list narrows the search, and an unknown place in it is refused with the known ones.
+    few = create_attack(
+        "advencoder-patch", tiny_encoder, location="auto", location_candidates="top-left,center", **opts
+    )
+    assert list(few.fit(sur).config["location_auto"]["scores"]) == ["top-left", "center"]
+    bad = create_attack("advencoder-patch", tiny_encoder, location="auto", location_candidates="middle", **opts)
+    with pytest.raises(ConfigError, match="unknown patch location 'middle'"):
+        bad.fit(sur)

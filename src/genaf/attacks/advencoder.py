@@ -56,9 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..utils import generator
 from .base import EncoderAttack, eval_mode, register_attack
+from .layer_select import AUTO_KEYS, fit_auto
 from .perturbation import Perturbation
 from .universal import encoder_hash
 
@@ -125,12 +126,34 @@ def effective_radius(radius: float, radius_size: float, h: int, w: int) -> float
     return float(radius)
 
 
-def patch_mask(h: int, w: int, fraction: float = 0.03) -> torch.Tensor:
-    """(1, 1, h, w) float mask in {0, 1}: a square in the bottom-right corner whose side is
-    ``round(sqrt(fraction·h·w))`` (at least 1, at most the image's smaller side)."""
+LOCATIONS = (
+    "top-left", "top", "top-right",
+    "left", "center", "right",
+    "bottom-left", "bottom", "bottom-right",
+)  # fmt: skip
+
+
+def patch_origin(h: int, w: int, side: int, location: str = "bottom-right") -> tuple[int, int]:
+    """Top-left pixel (row, column) of a ``side``-pixel square at a named place of an h×w image:
+    flush with the named edges, centred along the others (``"center"``: centred on both)."""
+    if location not in LOCATIONS:
+        raise ConfigError(
+            f"unknown patch location '{location}'{did_you_mean(location, LOCATIONS)}; "
+            f"choose one of {', '.join(LOCATIONS)}, or auto"
+        )
+    row = 0 if location.startswith("top") else h - side if location.startswith("bottom") else (h - side) // 2
+    col = 0 if location.endswith("left") else w - side if location.endswith("right") else (w - side) // 2
+    return row, col
+
+
+def patch_mask(h: int, w: int, fraction: float = 0.03, location: str = "bottom-right") -> torch.Tensor:
+    """(1, 1, h, w) float mask in {0, 1}: a square at ``location`` (see :func:`patch_origin`;
+    the bottom-right corner by default) whose side is ``round(sqrt(fraction·h·w))`` (at least 1,
+    at most the image's smaller side)."""
     side = patch_side(h, w, fraction)
+    r, c = patch_origin(h, w, side, location)
     mask = torch.zeros(1, 1, h, w)
-    mask[..., h - side :, w - side :] = 1.0
+    mask[..., r : r + side, c : c + side] = 1.0
     return mask
 
 
@@ -306,6 +329,8 @@ class AdvEncoder(EncoderAttack):
     # -- crafting ----------------------------------------------------------------------------
     def fit(self, data, device: str | torch.device = "cpu", surrogate: str = "", log=None) -> Perturbation:
         """Train the generator on ``data`` (an ImageSet) and return its δ as a Perturbation."""
+        if any(self.cfg.get(k) == "auto" for k in AUTO_KEYS):
+            return fit_auto(self, data, device, surrogate, log)
         device = torch.device(device)
         gen = generator(self.seed, f"attack:{self.name}")
         c, h, w = (int(s) for s in data.images.shape[1:])
@@ -378,15 +403,26 @@ class AdvEncoder(EncoderAttack):
 
 @register_attack("advencoder-patch")
 class AdvEncoderPatch(AdvEncoder):
-    """AdvEncoder-PAT: a generated patch in [0, 1] pasted in the bottom-right corner.
+    """AdvEncoder-PAT: a generated patch in [0, 1] pasted at a fixed place of every image.
 
     Options as ``advencoder`` (``output`` is replaced by a sigmoid) plus ``patch_fraction``, the
-    share of the image area the square patch covers. ``eps`` is not used while crafting.
+    share of the image area the square patch covers, and ``location``: one of
+    :data:`LOCATIONS` (the reference's ``bottom-right`` by default) or ``auto``, where the
+    attacker crafts one patch per place on most of its surrogate images and keeps the place
+    whose patch moves the encoder's features most on the rest (see
+    :mod:`genaf.attacks.layer_select`). ``eps`` is not used while crafting.
     """
 
     kind = "patch"
+    extra_keys = ("location_candidates",)
     presets = {
-        name: {**{k: v for k, v in p.items() if k != "output"}, "patch_fraction": 0.03}
+        # paper: the reference's place; cpu: the attacker picks the place (``auto``), the same
+        # 3 % area.
+        name: {
+            **{k: v for k, v in p.items() if k != "output"},
+            "patch_fraction": 0.03,
+            "location": "bottom-right" if name == "paper" else "auto",
+        }
         for name, p in AdvEncoder.presets.items()
     }
 
@@ -395,19 +431,28 @@ class AdvEncoderPatch(AdvEncoder):
         self.patch_fraction = float(cfg.get("patch_fraction", 0.03))
         if not 0 < self.patch_fraction < 1:
             raise ConfigError(f"patch_fraction must lie in (0, 1), got {self.patch_fraction}")
+        self.location = str(cfg.get("location", "bottom-right"))
+        if self.location != "auto":
+            patch_origin(8, 8, 1, self.location)  # refuses an unknown place, listing the known ones
 
     def generator_size(self, h: int, w: int) -> tuple[int, int]:
         side = patch_side(h, w, self.patch_fraction)
         return side, side
 
     def make_delta(self, raw: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """sigmoid(G(z)) placed in the bottom-right corner of an otherwise zero (1, C, h, w) map."""
+        """sigmoid(G(z)) placed at ``location`` in an otherwise zero (1, C, h, w) map."""
         patch = torch.sigmoid(raw)
         ph, pw = patch.shape[-2:]
-        return F.pad(patch, (w - pw, 0, h - ph, 0))
+        r, c = patch_origin(h, w, ph, self._place())
+        return F.pad(patch, (c, w - pw - c, r, h - ph - r))
 
     def mask(self, h: int, w: int) -> torch.Tensor:
-        return patch_mask(h, w, self.patch_fraction)
+        return patch_mask(h, w, self.patch_fraction, self._place())
+
+    def _place(self) -> str:
+        if self.location == "auto":
+            raise ConfigError(f"{self.name}: location 'auto' is resolved by fit(); score a patch at a named place")
+        return self.location
 
     def perturb(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         m = self.mask(*x.shape[-2:]).to(device=x.device, dtype=x.dtype)

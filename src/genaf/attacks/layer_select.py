@@ -1,14 +1,19 @@
-"""``layer: auto`` — the attacker picks the hooked layer from the public encoder and surrogate data.
+"""``layer: auto`` / ``location: auto`` — the attacker picks a free choice of its attack (the hooked
+layer, or where a patch goes) from the public encoder and surrogate data.
 
 Layer-objective attacks (L4A/PAP, its fuse variant) are defined on "a low layer", and which low
 layer works best differs from encoder to encoder. An attacker in the DAE threat model holds the
 encoder and surrogate images, so it can choose: with ``layer: auto`` (or ``layer2: auto``) the
 attack is crafted once per candidate layer on most of the surrogate images, and the candidate
 whose δ moves the encoder's **output features** the most on the remaining held-out surrogate
-images wins. The score is the mean cosine distance ``1 − cos(f(x), f(x+δ))``.
+images wins. The score is the mean cosine distance ``1 − cos(f(x), f(x+δ))``. The patch attack
+(``advencoder-patch``) chooses its place the same way with ``location: auto``: one patch per
+candidate place (``location_candidates``, default all nine named places), scored on the held-out
+images with the patch pasted in.
 
 Nothing downstream (head, labels, fine-tuned weights, test data) takes part in the choice. The
-perturbation records every candidate's score and the winner in its config (``layer_auto``).
+perturbation records every candidate's score and the winner in its config (``layer_auto``,
+or ``location_auto`` for the patch's place).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from ..data import ImageSet
 from ..errors import ConfigError
 from .base import eval_mode
 
-AUTO_KEYS = ("layer", "layer2")
+AUTO_KEYS = ("layer", "layer2", "location")
+LAYER_KEYS = ("layer", "layer2")
 HELD_OUT_FRACTION = 0.2
 _LOW_BLOCK = re.compile(r"^layer[12]\.\d+$")
 
@@ -36,8 +42,15 @@ def low_layer_candidates(encoder) -> list[str]:
 
 
 def candidates_for(attack, key: str) -> list[str]:
-    given = str(attack.cfg.get("layer_candidates") or "")
-    names = [n.strip() for n in given.split(",") if n.strip()] or low_layer_candidates(attack.encoder)
+    given = str(attack.cfg.get(f"{key}_candidates" if key == "location" else "layer_candidates") or "")
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    if key == "location":
+        from .advencoder import LOCATIONS, patch_origin
+
+        for n in names:
+            patch_origin(8, 8, 1, n)  # an unknown place lists the known ones
+        return names or list(LOCATIONS)
+    names = names or low_layer_candidates(attack.encoder)
     if not names:
         raise ConfigError(
             f"{attack.name}: {key}: auto needs layer_candidates for this encoder (no ResNet stem or "
@@ -45,7 +58,7 @@ def candidates_for(attack, key: str) -> list[str]:
         )
     for n in names:
         attack.encoder.get_layer(n)  # an unknown name lists the available ones
-    other = [attack.cfg.get(k) for k in AUTO_KEYS if k != key]
+    other = [attack.cfg.get(k) for k in LAYER_KEYS if k != key]
     return [n for n in names if n not in other]
 
 
@@ -53,7 +66,7 @@ def split_surrogate(data: ImageSet) -> tuple[ImageSet, ImageSet]:
     """Deterministic split: the last ``HELD_OUT_FRACTION`` of the images score the candidates."""
     n = len(data)
     if n < 10:
-        raise ConfigError(f"layer: auto needs at least 10 surrogate images to hold some out, got {n}")
+        raise ConfigError(f"'auto' choices need at least 10 surrogate images to hold some out, got {n}")
     k = max(int(round(n * HELD_OUT_FRACTION)), 5)
     cut = n - k
 
@@ -64,20 +77,24 @@ def split_surrogate(data: ImageSet) -> tuple[ImageSet, ImageSet]:
 
 
 @torch.no_grad()
-def feature_distortion(encoder, delta: torch.Tensor, data: ImageSet, device, batch_size: int = 256) -> float:
-    """Mean ``1 − cos(f(x), f(x+δ))`` of the encoder's output features over ``data``."""
+def feature_distortion(encoder, delta, data: ImageSet, device, batch_size: int = 256) -> float:
+    """Mean ``1 − cos(f(x), f(x'))`` of the encoder's output features over ``data``, where ``x'``
+    is ``delta.apply(x)`` for a Perturbation (additive or patch) and ``clamp(x + δ, 0, 1)`` for a
+    plain tensor δ."""
+    apply = delta.apply if hasattr(delta, "apply") else lambda x: (x + delta.to(x.device)).clamp(0, 1)
     total, n = 0.0, 0
     with eval_mode(encoder):
         for x, _, _ in data.batches(batch_size, device=device):
             f0 = encoder(x).flatten(1).float()
-            f1 = encoder((x + delta.to(device)).clamp(0, 1)).flatten(1).float()
+            f1 = encoder(apply(x)).flatten(1).float()
             total += float((1 - F.cosine_similarity(f0, f1, dim=1)).sum())
             n += len(x)
     return total / max(n, 1)
 
 
 def fit_auto(attack, data: ImageSet, device, surrogate: str = "", log=None):
-    """Craft ``attack`` once per candidate layer and keep the one that distorts features most."""
+    """Craft ``attack`` once per candidate (layer or patch place) and keep the one whose
+    perturbation distorts the encoder's features most on held-out surrogate images."""
     keys = [k for k in AUTO_KEYS if attack.cfg.get(k) == "auto"]
     if len(keys) != 1:
         raise ConfigError(f"{attack.name}: only one of {AUTO_KEYS} may be 'auto' (got {keys})")
@@ -90,7 +107,7 @@ def fit_auto(attack, data: ImageSet, device, surrogate: str = "", log=None):
         sub = type(attack)(attack.encoder, attack.preset, **{**attack.cfg, key: cand})
         pert = sub.fit(craft_set, device=device, surrogate=surrogate)
         seconds += getattr(sub, "seconds", 0.0)
-        scores[cand] = feature_distortion(attack.encoder, pert.delta, held_out, device)
+        scores[cand] = feature_distortion(attack.encoder, pert, held_out, device)
         if log:
             log(f"{attack.name}: {key}={cand}: held-out feature distortion {scores[cand]:.4f}")
         if best is None or scores[cand] > scores[best[0]]:
@@ -103,11 +120,11 @@ def fit_auto(attack, data: ImageSet, device, surrogate: str = "", log=None):
     attack.seconds = seconds
     attack.images_seen = getattr(sub, "images_seen", 0) * len(scores)
     attack.history = getattr(sub, "history", [])
-    pert.config["layer_auto"] = {
+    pert.config["location_auto" if key == "location" else "layer_auto"] = {
         "key": key,
         "chosen": cand,
         "scores": scores,
-        "rule": "max mean 1-cos(f(x), f(x+delta)) on the held-out surrogate images",
+        "rule": "max mean 1-cos(f(x), f(x')) on the held-out surrogate images",
         "held_out": len(held_out),
     }
     return pert
