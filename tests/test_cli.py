@@ -82,3 +82,40 @@ def test_inspect_prints_stem(capsys):
     assert main(["inspect", "random:demo"]) == 0
     out = capsys.readouterr().out
     assert "feature_dim" in out and "padding" in out and "resnet18" in out
+
+
+def test_attack_then_evaluate_adds_every_entry(tmp_path, capsys, one_thread):
+    """`genaf attack` then `genaf evaluate --perturbation P --autoattack apgd` on a tiny run: one
+    entry per perturbation and one for AutoAttack (its version and per-attack counts) in metrics.json."""
+    import json
+    from pathlib import Path
+
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("eval:\n  whitebox: {autoattack_steps: 4, autoattack_queries: 10}\n")
+    run_dir = tmp_path / "run"
+    tiny = ["--n-train", "64", "--n-val", "32", "--n-test", "40", "--epochs", "1", "--device", "cpu"]
+    assert (
+        main(
+            ["finetune", "--encoder", "random:demo", "--method", "sft", "--config", str(cfg), "--out", str(run_dir)]
+            + tiny
+        )
+        == 0
+    )
+    pert = tmp_path / "patch.safetensors"
+    craft = ["attack", "--encoder", "demo", "--attack", "advencoder-patch", "--eps", "16/255"]
+    craft += ["--n-surrogate", "40", "--set", "iterations=2", "--set", "location_candidates=top-left,center"]
+    assert main(craft + ["--out", str(pert), "--device", "cpu"]) == 0
+    ev = ["evaluate", "--model", str(run_dir), "--perturbation", str(pert), "--autoattack", "apgd", "--device", "cpu"]
+    assert main(ev) == 0
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["attacks"]["patch"]["kind"] == "patch" and 0 <= m["robust_acc"]["patch"] <= 1
+    aa = m["attacks"]["autoattack-wb"]
+    assert aa["version"] == "apgd" and aa["steps"] == 4 and list(aa["per_attack"])[0] == "apgd-ce"
+    assert set(aa["per_attack"]) <= {"apgd-ce", "apgd-t"}
+    assert aa["per_attack"]["apgd-ce"]["attacked"] == round(m["clean_acc"] * m["n_test"])
+    assert m["robust_acc"]["autoattack-wb"] <= m["clean_acc"]
+    with pytest.raises(SystemExit) as bad:
+        main(ev[:-3] + ["--autoattack", "strong"])
+    assert bad.value.code == 2 and "invalid choice: 'strong'" in capsys.readouterr().err

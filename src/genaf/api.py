@@ -187,13 +187,21 @@ def craft(
     return pert
 
 
-def _wb_config(cfg: dict, whitebox: bool, autoattack: bool) -> dict | None:
+def _wb_config(cfg: dict, whitebox: bool, autoattack: bool | str) -> dict | None:
+    """The white-box settings of a run's config; ``autoattack`` switches AutoAttack on (a
+    string names its version, ``standard`` or ``apgd``)."""
+    from .attacks.autoattack import VERSIONS
     from .config import DEFAULTS
 
     if not (whitebox or autoattack):
         return None
     wb = {**DEFAULTS["eval"]["whitebox"], **(cfg["eval"].get("whitebox") or {})}
-    return {**wb, "autoattack": True} if autoattack else wb
+    if not autoattack:
+        return wb
+    version = autoattack if isinstance(autoattack, str) else wb.get("autoattack_version", "standard")
+    if version not in VERSIONS:
+        raise ConfigError(f"unknown AutoAttack version '{version}'; choose one of: {', '.join(VERSIONS)}")
+    return {**wb, "autoattack": True, "autoattack_version": version}
 
 
 def evaluate(
@@ -203,7 +211,7 @@ def evaluate(
     datamodule: DataModule | None = None,
     device: str = "auto",
     whitebox: bool = False,
-    autoattack: bool = False,
+    autoattack: bool | str = False,
     resize: str | None = None,
 ) -> dict:
     """Evaluate a finished run against perturbations; adds one entry per perturbation to its

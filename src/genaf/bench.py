@@ -109,7 +109,17 @@ TOP_KEYS = (
 DATA_KEYS = ("root", "download", "image_size")
 DATASET_KEYS = ("name", "label", "n_train", "n_val", "n_test", *DATA_KEYS)
 SURROGATE_KEYS = ("dataset", "label", "n", "n_train", "n_val", "image_size", "root", "download", "resize")
-WHITEBOX_KEYS = ("eps", "step", "steps", "restarts", "fgsm", "autoattack", "autoattack_steps")
+WHITEBOX_KEYS = (
+    "eps",
+    "step",
+    "steps",
+    "restarts",
+    "fgsm",
+    "autoattack",
+    "autoattack_version",
+    "autoattack_steps",
+    "autoattack_queries",
+)
 EVAL_KEYS = ("batch_size",)
 SETTINGS = ("dae", "whitebox", "fresh-head", "self-attack")
 COLUMNS = (

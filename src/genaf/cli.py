@@ -101,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None)
     p.add_argument("--perturbation", nargs="*", default=[], help="perturbation files")
     p.add_argument("--whitebox", action="store_true", help="also run white-box FGSM and PGD on the model")
-    p.add_argument("--autoattack", action="store_true", help="also run AutoAttack's APGD-CE + APGD-T (slow)")
+    p.add_argument(
+        "--autoattack",
+        nargs="?",
+        const="standard",
+        default=None,
+        choices=["standard", "apgd"],
+        help="also run AutoAttack (slow): its standard version (APGD-CE, APGD-T, FAB-T, Square; the default) "
+        "or apgd (APGD-CE + APGD-T only)",
+    )
     p.add_argument(
         "--resize",
         default=None,

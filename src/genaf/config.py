@@ -26,8 +26,10 @@ DEFAULTS: dict[str, Any] = {
             "steps": 10,
             "restarts": 1,
             "fgsm": True,
-            "autoattack": False,  # APGD-CE + APGD-T: the strongest, slowest white-box evaluation
+            "autoattack": False,  # the strongest, slowest white-box evaluation
+            "autoattack_version": "standard",  # APGD-CE, APGD-T, FAB-T, Square; "apgd": the first two
             "autoattack_steps": 100,
+            "autoattack_queries": 5000,  # Square's queries (standard version)
         },
         "batch_size": 512,
     },

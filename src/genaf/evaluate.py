@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attacks.autoattack import VERSIONS as AA_VERSIONS
 from .attacks.autoattack import autoattack
 from .attacks.perturbation import Perturbation
 from .attacks.whitebox import fgsm, pgd
@@ -40,7 +41,9 @@ def whitebox_attacks(wb: dict, seed: int = 0) -> dict:
     """name -> (run(model, x, y) -> x_adv, its description) for the white-box evaluation.
 
     ``wb`` holds the PGD settings (``eps``, ``step``, ``steps``, ``restarts``) and switches
-    ``fgsm`` and ``autoattack`` (APGD-CE + APGD-T, ``autoattack_steps`` iterations).
+    ``fgsm`` and ``autoattack`` (``autoattack_version``: ``standard`` = APGD-CE, APGD-T, FAB-T and
+    Square, or ``apgd`` = the first two; ``autoattack_steps`` iterations, ``autoattack_queries``
+    Square queries).
     """
     eps = float(wb["eps"])
     gen = generator(seed, "evaluate:pgd")
@@ -54,11 +57,30 @@ def whitebox_attacks(wb: dict, seed: int = 0) -> dict:
     )
     if wb.get("autoattack"):
         aa_steps = int(wb.get("autoattack_steps", 100))
+        version = str(wb.get("autoattack_version", "standard"))
+        queries = int(wb.get("autoattack_queries", 5000))
         calls = iter(range(1 << 30))  # a different (seeded) random start for every batch
-        out["autoattack-wb"] = (
-            lambda m, x, y: autoattack(m, x, y, eps, steps=aa_steps, seed=seed * 100003 + next(calls)),
-            {"attack": "autoattack (APGD-CE + APGD-T)", "eps": eps, "steps": aa_steps},
-        )
+        desc = {
+            "attack": f"autoattack {version} ({', '.join(AA_VERSIONS.get(version, ()))})",
+            "eps": eps,
+            "steps": aa_steps,
+            "version": version,
+            "per_attack": {},  # points each attack ran on and fooled, summed over the batches
+        }
+        if version == "standard":
+            desc["square_queries"] = queries
+
+        def run_aa(m, x, y):
+            log: dict = {}
+            run_seed = seed * 100003 + next(calls)
+            xa = autoattack(m, x, y, eps, steps=aa_steps, seed=run_seed, version=version, n_queries=queries, log=log)
+            for k, v in log.items():
+                tot = desc["per_attack"].setdefault(k, {"attacked": 0, "fooled": 0})
+                tot["attacked"] += v["attacked"]
+                tot["fooled"] += v["fooled"]
+            return xa
+
+        out["autoattack-wb"] = (run_aa, desc)
     return out
 
 

@@ -78,7 +78,8 @@ def test_budget_range_determinism_and_no_parameter_gradients(one_thread):
         "ce": lambda s: apgd(model, x, y, eps, steps=12, loss="ce", restarts=2, seed=s),
         "dlr": lambda s: apgd(model, x, y, eps, steps=12, loss="dlr", seed=s),
         "dlr-targeted": lambda s: apgd(model, x, y, eps, steps=12, loss="dlr-targeted", target_classes=3, seed=s),
-        "autoattack": lambda s: autoattack(model, x, y, eps, steps=12, target_classes=3, seed=s),
+        "autoattack": lambda s: autoattack(model, x, y, eps, steps=12, target_classes=3, seed=s, n_queries=30),
+        "autoattack-apgd": lambda s: autoattack(model, x, y, eps, steps=12, target_classes=3, seed=s, version="apgd"),
     }
     for name, run in runs.items():
         xa = run(0)
@@ -94,6 +95,24 @@ def test_budget_range_determinism_and_no_parameter_gradients(one_thread):
     # AutoAttack leaves the points misclassified on clean input untouched
     xa = runs["autoattack"](0)
     assert torch.equal(xa[:6], x[:6])
+    # The standard version runs its four attacks in order, each on the points all earlier ones left
+    # robust; every point it reports fooled is misclassified, and the others keep the clean image.
+    log: dict = {}
+    xa = autoattack(model, x, y, 0.5 / 255, steps=12, target_classes=3, seed=0, n_queries=30, log=log)
+    assert list(log) == ["apgd-ce", "apgd-t", "fab-t", "square"][: len(log)] and len(log) >= 2, log
+    assert log["apgd-ce"]["attacked"] == 18  # the 18 points classified correctly on clean input
+    for a, b in zip(list(log), list(log)[1:]):
+        assert log[b]["attacked"] == log[a]["attacked"] - log[a]["fooled"], log
+    model.eval()
+    with torch.no_grad():
+        wrong = model(xa).argmax(1) != y
+    model.train()
+    changed = (xa != x).flatten(1).any(1)
+    assert int(wrong[6:].sum()) == sum(v["fooled"] for v in log.values())
+    assert torch.equal(changed[6:], wrong[6:])
+    apgd_only: dict = {}
+    autoattack(model, x, y, 0.5 / 255, steps=12, target_classes=3, seed=0, version="apgd", log=apgd_only)
+    assert list(apgd_only) == ["apgd-ce", "apgd-t"][: len(apgd_only)]
     # APGD-CE raises the loss over the clean input on every point it attacks
     model.eval()
     with torch.no_grad():
@@ -118,6 +137,10 @@ def test_bad_input():
         apgd(model, x, y, 0.1, steps=0)
     with pytest.raises(ConfigError):
         apgd(model, x, y, 0.1, restarts=0)
+    with pytest.raises(ConfigError, match="did you mean 'standard'"):
+        autoattack(model, x, y, 0.1, version="standart")
+    with pytest.raises(ConfigError, match="n_queries"):
+        autoattack(model, x, y, 0.1, n_queries=0)
 
 
 def _robust_accuracy(model, x, y) -> float:

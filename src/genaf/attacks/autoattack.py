@@ -1,4 +1,5 @@
-"""AutoAttack's gradient attacks (Croce & Hein, ICML 2020): APGD-CE, APGD-T and their ensemble.
+"""AutoAttack (Croce & Hein, ICML 2020): APGD-CE and APGD-T, and the ensemble of the standard version
+(APGD-CE, APGD-T, FAB-T from :mod:`genaf.attacks.fab`, Square from :mod:`genaf.attacks.square`).
 
 Everything works on L∞ balls in [0,1] pixel space. The model is switched to eval mode for
 the attack (each submodule's mode is restored afterwards) and every gradient is taken with
@@ -246,6 +247,14 @@ def apgd(
     return out.detach()
 
 
+VERSIONS = {
+    # AutoAttack's standard version (Croce & Hein, ICML 2020): the four attacks in this order
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    # its two gradient attacks only: most of the standard version's strength at a fraction of the cost
+    "apgd": ("apgd-ce", "apgd-t"),
+}
+
+
 def autoattack(
     model: nn.Module,
     x: torch.Tensor,
@@ -254,41 +263,60 @@ def autoattack(
     steps: int = 100,
     seed: int = 0,
     target_classes: int = 9,
+    version: str = "standard",
+    n_queries: int = 5000,
+    log: dict | None = None,
 ) -> torch.Tensor:
-    """AutoAttack's gradient part ("standard"-style): APGD-CE, then APGD-T on the points still
-    robust; per point the worst case is kept. Returns x_adv within the ε-box and [0,1].
+    """AutoAttack on an L∞ ball: the attacks of ``version`` run in turn, each on the points that
+    every earlier one left correctly classified; per point the first fooling example is kept (the
+    per-point worst case). Returns x_adv within the ε-box and [0,1].
 
-    Points the model already misclassifies are returned unchanged. A point fooled by APGD-CE
-    keeps that example; the rest take APGD-T's, or keep APGD-CE's if neither fooled the model.
+    ``version="standard"`` is AutoAttack's standard ensemble: APGD-CE (``steps`` iterations),
+    APGD-T (``steps`` iterations per target, ``target_classes`` targets), FAB-T (``steps``
+    iterations per target; a point counts only with an example inside the ε-box) and Square
+    (``n_queries`` queries, p_init 0.8). ``version="apgd"`` runs the first two only.
+
+    Points the model already misclassifies are returned unchanged; points no attack fools keep
+    the clean image. ``log``, when given, receives per attack the number of points it was run on
+    and the number it fooled.
     """
     eps = check_eps(eps)
     _check("ce", steps, 1, target_classes)
+    if version not in VERSIONS:
+        raise ConfigError(
+            f"unknown AutoAttack version '{version}'{did_you_mean(version, VERSIONS)}; choose one of: "
+            f"{', '.join(VERSIONS)}"
+        )
+    if int(n_queries) < 1:
+        raise ConfigError(f"n_queries must be >= 1, got {n_queries}")
+    from .fab import fab_t
+    from .square import square
+
+    runners = {
+        "apgd-ce": lambda xs, ys: apgd(model, xs, ys, eps, steps=steps, loss="ce", restarts=1, seed=seed),
+        "apgd-t": lambda xs, ys: apgd(
+            model, xs, ys, eps, steps=steps, loss="dlr-targeted", target_classes=target_classes, seed=seed
+        ),
+        "fab-t": lambda xs, ys: fab_t(model, xs, ys, eps, steps=steps, target_classes=target_classes, seed=seed),
+        "square": lambda xs, ys: square(model, xs, ys, eps, n_queries=int(n_queries), seed=seed),
+    }
     x = x.detach()
     y = y.detach().to(x.device).long()
     out = x.clone()
     with eval_mode(model), torch.no_grad():
         logits = model(x)
     robust = (logits.argmax(1) == y).nonzero().squeeze(1)
-    if robust.numel() == 0:
-        return out
-    xa = apgd(model, x[robust], y[robust], eps, steps=steps, loss="ce", restarts=1, seed=seed)
-    out[robust] = xa
-    with eval_mode(model), torch.no_grad():
-        still = robust[model(xa).argmax(1) == y[robust]]
-    if still.numel() == 0 or logits.shape[1] < 4:
-        return out.detach()
-    xt = apgd(
-        model,
-        x[still],
-        y[still],
-        eps,
-        steps=steps,
-        loss="dlr-targeted",
-        restarts=1,
-        target_classes=target_classes,
-        seed=seed,
-    )
-    with eval_mode(model), torch.no_grad():
-        hit = model(xt).argmax(1) != y[still]
-    out[still[hit]] = xt[hit]
+    for name in VERSIONS[version]:
+        if robust.numel() == 0:
+            break
+        if name in ("apgd-t", "fab-t") and logits.shape[1] < (4 if name == "apgd-t" else 2):
+            continue  # the targeted DLR loss needs 4 classes
+        xa = runners[name](x[robust], y[robust])
+        with eval_mode(model), torch.no_grad():
+            hit = model(xa).argmax(1) != y[robust]
+        hit &= (xa - x[robust]).abs().flatten(1).amax(1) <= eps + 1e-6
+        out[robust[hit]] = xa[hit]
+        if log is not None:
+            log[name] = {"attacked": int(robust.numel()), "fooled": int(hit.sum())}
+        robust = robust[~hit]
     return out.detach()
