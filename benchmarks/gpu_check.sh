@@ -2,7 +2,7 @@
 # One short, bounded pass over genaf's CUDA paths on a GPU machine (no installation needed there
 # beyond torch, torchvision and genaf's own dependencies; the package runs from src/).
 #
-#     OUT=gpu-check bash benchmarks/gpu_check.sh            # all steps, about 6-9 minutes
+#     OUT=gpu-check bash benchmarks/gpu_check.sh            # all steps: 143 s on one H100
 #     DEVICE=cpu COMPILE=none BUDGET=900 bash benchmarks/gpu_check.sh   # the same steps on a CPU
 #
 # Steps, each with its own time limit and all of them under one overall BUDGET (seconds), so the
