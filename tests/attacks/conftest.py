@@ -38,3 +38,43 @@ def fashion_mlp():
     finally:
         torch.set_num_threads(threads)
     return model, data.test.float_images()[:, :1], data.test.labels
+
+
+class SmallNet(nn.Module):
+    """A small classifier with BatchNorm and dropout, so a train-mode forward would differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Dropout(0.5),
+            nn.Linear(6 * 8 * 8, 10),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.fixture
+def tiny_classifier():
+    """A factory of ``(model, x, y)``: a seeded :class:`SmallNet` left in train mode, 24 RGB 8×8
+    points (the first four rounded to 0/1 pixels, to exercise the [0,1] clipping) and labels equal
+    to the net's predictions except for the first ``n_wrong`` (misclassified on clean input)."""
+
+    def make(n_wrong: int = 6):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = SmallNet()
+            x = torch.rand(24, 3, 8, 8)
+            x[:4] = x[:4].round()
+        with torch.no_grad():
+            model.eval()
+            y = model(x).argmax(1)
+            y[:n_wrong] = (y[:n_wrong] + 1) % 10
+        model.train()
+        return model, x, y
+
+    return make

@@ -41,36 +41,8 @@ def test_checkpoint_schedule():
         assert w == sorted(set(w)) and all(0 < v < n for v in w)
 
 
-class _Net(nn.Module):
-    """A small classifier with BatchNorm and dropout, so a train-mode forward would differ."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1),
-            nn.BatchNorm2d(6),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Dropout(0.5),
-            nn.Linear(6 * 8 * 8, 10),
-        )
-
-    def forward(self, x):
-        return self.body(x)
-
-
-def test_budget_range_determinism_and_no_parameter_gradients(one_thread):
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = _Net()
-        x = torch.rand(24, 3, 8, 8)
-        x[:4] = x[:4].round()  # pixels at 0 and 1 exercise the [0,1] clipping
-    model.train()
-    with torch.no_grad():
-        model.eval()
-        y = model(x).argmax(1)
-        y[:6] = (y[:6] + 1) % 10  # a few points misclassified on clean input
-        model.train()
+def test_budget_range_determinism_and_no_parameter_gradients(one_thread, tiny_classifier):
+    model, x, y = tiny_classifier()
     bn = model.body[1]
     stats = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
     eps = 4 / 255

@@ -157,40 +157,8 @@ def test_projection_batch_in_float32():
 # --- the attack on a tiny model ---------------------------------------------------------------
 
 
-class _Net(nn.Module):
-    """A small classifier with BatchNorm and dropout, so a train-mode forward would differ."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1),
-            nn.BatchNorm2d(6),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Dropout(0.5),
-            nn.Linear(6 * 8 * 8, 10),
-        )
-
-    def forward(self, x):
-        return self.body(x)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = _Net()
-        x = torch.rand(24, 3, 8, 8)
-        x[:4] = x[:4].round()  # pixels at 0 and 1 exercise the box
-    with torch.no_grad():
-        model.eval()
-        y = model(x).argmax(1)
-        y[:5] = (y[:5] + 1) % 10  # a few points misclassified on clean input
-    return model, x, y
-
-
-def test_contract_on_a_tiny_model(tiny):
-    model, x, y = tiny
+def test_contract_on_a_tiny_model(tiny_classifier):
+    model, x, y = tiny_classifier(n_wrong=5)
     model.train()
     model.body[4].eval()  # a submodule in another mode than its parent must keep it
     bn = model.body[1]

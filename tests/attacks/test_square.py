@@ -82,40 +82,8 @@ def test_vertical_stripe_start():
 # --- (b) invariants on a tiny model -------------------------------------------------------------
 
 
-class _Net(nn.Module):
-    """A small classifier with BatchNorm and dropout, so a train-mode forward would differ."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1),
-            nn.BatchNorm2d(6),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Dropout(0.5),
-            nn.Linear(6 * 8 * 8, 10),
-        )
-
-    def forward(self, x):
-        return self.body(x)
-
-
-def _tiny():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = _Net()
-        x = torch.rand(24, 3, 8, 8)
-        x[:4] = x[:4].round()  # pixels at 0 and 1 exercise the [0,1] clipping
-    with torch.no_grad():
-        model.eval()
-        y = model(x).argmax(1)
-        y[:6] = (y[:6] + 1) % 10  # a few points misclassified on clean input
-    model.train()
-    return model, x, y
-
-
-def test_budget_range_determinism_modes_and_no_gradients():
-    model, x, y = _tiny()
+def test_budget_range_determinism_modes_and_no_gradients(tiny_classifier):
+    model, x, y = tiny_classifier()
     bn = model.body[1]
     stats = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
     eps = 0.05
@@ -143,8 +111,8 @@ def test_budget_range_determinism_modes_and_no_gradients():
     assert 0 < int(fooled.sum()) < 18, "eps=0.05 should fool some but not all points of this net in 60 queries"
 
 
-def test_margin_never_increases_and_only_unfooled_points_are_queried():
-    model, x, y = _tiny()
+def test_margin_never_increases_and_only_unfooled_points_are_queried(tiny_classifier):
+    model, x, y = tiny_classifier()
     model.eval()
     x, y = x[6:], y[6:]
     rows_seen = []
