@@ -29,7 +29,7 @@ from genaf.attacks.base import attack_names
 from genaf.data import ImageSet, load_dataset
 from genaf.demo import DAE_EPS, SETTINGS
 from genaf.encoders import load_encoder
-from genaf.evaluate import evaluate_model
+from genaf.evaluation import evaluate_model
 from genaf.models import load_model
 from genaf.utils import write_json
 
@@ -64,7 +64,7 @@ def parse_name(name: str) -> tuple[str, dict]:
 
 
 def _where(s: ImageSet, keep: torch.Tensor) -> ImageSet:
-    return ImageSet(s.images[keep], s.labels[keep], s.indices[keep], s.split)
+    return ImageSet(s.images[keep], s.labels[keep], s.indices[keep], s.split, s.dataset)
 
 
 def _sft_model(out: Path, data, seed: int):

@@ -32,7 +32,7 @@ TINY = {
     "surrogate": {"n": 64},
     "method_defaults": {"epochs": 1, "attack_steps": 1, "warmup_epochs": 0},
     "methods": {"sft": {}, "genaf": {"stage2_epochs": 1, "probe_size": 16, "sensitivity_steps": 1}},
-    "attacks": {"uniform-noise": {}, "l4a-base": {"iterations": 4}},
+    "attacks": {"uniform-noise": {}, "l4a-base": {"iterations": 4}, "ssp": {"steps": 1}},
     "eps": ["16/255"],
     "seeds": [0, 1],
     "train": {"batch_size": 32, "n_val_robust": 16, "val_steps": 1},
@@ -40,8 +40,9 @@ TINY = {
     "whitebox": {"steps": 1, "fgsm": False},
     "fresh_head": {"epochs": 1},
     "selfattack": ["l4a-base"],
+    "budget_controls": False,
 }
-N_ROWS = 2 * 2 * (2 + 1 + 2 + 1)  # methods × seeds × (dae + white-box + fresh-head + self-attack)
+N_ROWS = 2 * 2 * (3 + 1 + 3 + 1)  # methods × seeds × (dae + white-box + fresh-head + self-attack)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,10 +84,21 @@ def test_runner_writes_every_cell_and_a_report(reference):
     assert {r["attack"] for r in rows if r["setting"] == "whitebox"} == {"pgd1-wb"}
     for r in rows:
         assert 0.0 <= r["clean_acc"] <= 1.0 and 0.0 <= r["robust_acc"] <= 1.0 and 0.0 <= r["fooling_rate"] <= 1.0
+        # every row also holds the validation numbers the report decides on, and the budget
+        assert 0.0 <= r["val_clean_acc"] <= 1.0 and 0.0 <= r["val_robust_acc"] <= 1.0
+        assert r["total_epochs"] >= 1 and r["passes_per_image"] > 0
         assert r["drift"] is not None and r["drift"] > 0
         assert (out / r["run"]).is_dir()
-        if r["setting"] != "whitebox":
+        if r["setting"] != "whitebox" and r["attack"] != "ssp":
             assert (out / r["perturbation"]).is_file()
+    # the per-sample DAE (crafted per test and validation image on the original encoder, once for
+    # every method) has its rows and its cache
+    ssp = [r for r in rows if r["attack"] == "ssp"]
+    assert {r["setting"] for r in ssp} == {"dae", "fresh-head"} and all(r["craft_seconds"] > 0 for r in ssp)
+    assert len(list((out / "per-sample").rglob("*.safetensors"))) == 2 * 2  # seeds × {test, val}
+    report = (out / "report.md").read_text()
+    assert "Every decision of this report" in report and "Decided on the validation split" in report
+    assert "Training budget" in report
     # uniform noise at the same budget is a perturbation too; its ε is the grid's
     assert {round(255 * r["eps"]) for r in rows if r["setting"] == "dae"} == {16}
     # canonical order: the configuration's order, seeds innermost
@@ -180,6 +192,21 @@ def test_every_shipped_config_resolves_without_running():
     datasets = {d.name.split(":")[0] for c in paper for d in c.datasets}
     assert {"cifar10", "stl10", "gtsrb", "svhn", "imagefolder"} <= datasets
     assert all(a.preset == "paper" for c in paper for a in c.attacks)
+    # SFT and AT again at Gen-AF's total budget (warm-up 1 + 3 epochs + stage 2 2 = 6)
+    controls = {m.label: m for m in small.methods if m.label in small.budget_controls}
+    assert set(controls) == {"sft-budget", "at-budget"}
+    assert controls["sft-budget"].resolved["epochs"] == 6
+    assert controls["at-budget"].resolved["epochs"] + controls["at-budget"].resolved["warmup_epochs"] == 6
+
+
+def test_budget_controls_can_be_named_or_switched_off():
+    base = {**TINY, "methods": {"sft": {}, "at": {}, "genaf": {"stage2_epochs": 2}}}
+    assert load_config({**base, "budget_controls": False}).budget_controls == []
+    cfg = load_config({**base, "budget_controls": ["sft"]})
+    assert cfg.budget_controls == ["sft-budget"]
+    assert next(m for m in cfg.methods if m.label == "sft-budget").resolved["epochs"] == 0 + 1 + 2
+    with pytest.raises(ConfigError, match="not method labels"):
+        load_config({**base, "budget_controls": ["nope"]})
 
 
 @pytest.mark.parametrize(
@@ -189,7 +216,7 @@ def test_every_shipped_config_resolves_without_running():
         ({"methods": {"sft": {"epoch": 1}}}, "did you mean 'epochs'"),
         ({"methods": {"sfft": {}}}, "did you mean 'sft'"),
         ({"attacks": {"l4a-base": {"iteration": 3}}}, "did you mean 'iterations'"),
-        ({"attacks": {"ssp": {}}}, "per-sample"),
+        ({"attacks": {"ssp": {}}, "selfattack": ["ssp"]}, "per-sample attacks; a self-attack"),
         ({"encoders": ["solo"]}, "needs a path"),
         ({"datasets": ["fashion-mnst"]}, "did you mean 'fashion-mnist'"),
         ({"eps": ["16/0"]}, "cannot read"),

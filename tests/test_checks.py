@@ -8,9 +8,11 @@ from genaf.attacks.perturbation import Perturbation
 from genaf.checks import (
     check_eps_monotonic,
     check_logits,
+    check_perturbed_batch,
     check_pgd_loss_rises,
+    check_prediction_collapse,
     check_whitebox_vs_transfer,
-    check_zero_perturbation,
+    independent_perturbed,
     run_checks,
     whitebox_curve,
 )
@@ -73,7 +75,7 @@ def test_honest_model_passes_every_check():
     dae = Perturbation(delta=torch.full((1, 1, 4, 4), -0.05), eps=0.05, attack="hand")
     rep = run_checks(model, x, y, {"dae": dae}, WB, n_classes=2)
     assert rep["failed"] == [], rep
-    for name in ("logits", "zero_perturbation", "pgd_loss_rises", "eps_monotonic", "whitebox_vs_transfer"):
+    for name in ("logits", "pgd_loss_rises", "eps_monotonic", "whitebox_vs_transfer"):
         assert rep[name]["passed"] is True
 
 
@@ -89,15 +91,64 @@ def test_logits_check_fires_on_probabilities_and_nondeterminism_and_nan():
     assert "columns" in check_logits(Linear(), x, 10)["detail"]
 
 
-def test_zero_perturbation_check_fires_when_predictions_move():
+def test_perturbation_applied_check_catches_a_misapplied_perturbation():
+    """The check compares the batch that was evaluated with an independent clamp(x + δ)."""
     x, _ = _data()
-    model = Noisy().eval()
-    with torch.no_grad():
-        clean = model(x).argmax(1)
-    rep = check_zero_perturbation(model, x, clean)
-    assert rep["passed"] is False and rep["changed"] > 0
-    honest = Linear().eval()
-    assert check_zero_perturbation(honest, x, honest(x).argmax(1))["passed"]
+    dae = Perturbation(delta=torch.full((1, 1, 4, 4), 0.05), eps=0.05, attack="hand")
+    good = dae.apply(x)
+    assert check_perturbed_batch(x, good, 0.05, independent_perturbed(dae, x))["passed"]
+    # never applied: the clean batch itself was evaluated
+    rep = check_perturbed_batch(x, x.clone(), 0.05, independent_perturbed(dae, x))
+    assert not rep["passed"] and "not applied" in rep["detail"]
+    # applied without the clamp to [0,1]
+    rep = check_perturbed_batch(x, x + 0.9, 0.05, independent_perturbed(dae, x))
+    assert not rep["passed"] and "[0,1]" in rep["detail"] and "more than" in rep["detail"]
+    # applied twice (within [0,1] but 2ε away and not what an independent computation gives)
+    twice = dae.apply(dae.apply(x))
+    rep = check_perturbed_batch(x, twice, 0.05, independent_perturbed(dae, x))
+    assert not rep["passed"] and "independent" in rep["detail"]
+    # a patch: pasted where the mask is, nothing bounds its distance, the rest is untouched
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :2] = 1
+    patch = Perturbation(delta=torch.ones(1, 1, 4, 4), kind="patch", mask=mask, eps=0.05, attack="hand")
+    assert check_perturbed_batch(x, patch.apply(x), None, independent_perturbed(patch, x))["passed"]
+    rep = check_perturbed_batch(x, (x + 0.05).clamp(0, 1), None, independent_perturbed(patch, x))
+    assert not rep["passed"]
+
+
+class OneClass(Linear):
+    """Answers class 0 for every image (still finite, deterministic logits)."""
+
+    def forward(self, x):
+        z = super().forward(x)
+        return torch.stack([z.abs().sum(1) + 1.0, torch.zeros(len(x))], 1)
+
+
+def test_prediction_collapse_fires_on_a_model_that_answers_one_class():
+    x, y = _data()
+    rep = run_checks(OneClass().eval(), x, y, {}, None, n_classes=2)
+    assert rep["failed"] == []  # the per-batch checks cannot see it: it needs the predictions
+    collapsed = check_prediction_collapse(OneClass().eval()(x).argmax(1), y)
+    assert collapsed["passed"] is False and collapsed["top_class_share"] == 1.0
+    assert check_prediction_collapse(Linear().eval()(x).argmax(1), y)["passed"]
+    # ten balanced classes: 50 % of the answers on one class is already a collapse
+    labels = torch.arange(1000) % 10
+    assert not check_prediction_collapse(torch.cat([torch.zeros(510), labels[510:]]).long(), labels)["passed"]
+    assert check_prediction_collapse(labels.roll(1), labels)["passed"]
+
+
+def test_evaluate_model_records_the_new_checks_and_flags_a_one_class_model():
+    from genaf.data import ImageSet
+    from genaf.evaluation import evaluate_model
+
+    x, y = _data()
+    test = ImageSet((x.expand(-1, 3, -1, -1) * 255).round().to(torch.uint8), y, torch.arange(len(y)), "test", "toy")
+    dae = Perturbation(delta=torch.full((1, 1, 4, 4), -0.05), eps=0.05, attack="hand")
+    honest = evaluate_model(Linear().eval(), test, {"dae": dae})["metrics"]
+    assert honest["checks"]["failed"] == [] and honest["checks"]["perturbation_applied"]["dae"]["passed"]
+    broken = evaluate_model(OneClass().eval(), test, {"dae": dae})["metrics"]
+    assert "prediction_collapse" in broken["checks"]["failed"]
+    assert broken["attacks"]["dae"]["split"] == "test" and broken["attacks"]["dae"]["dataset"] == "toy"
 
 
 @pytest.mark.parametrize("cut", [True, False])

@@ -17,14 +17,18 @@ def test_quick_demo_writes_everything(tmp_path, tiny_data):
 
     out = tmp_path / "demo"
     results = run_demo(out, quick=True, device="cpu", log=lambda *_: None)
-    assert set(results) == {"sft", "at", "genaf"}
+    # the three methods and SFT / AT again at Gen-AF's total budget (warm-up 1 + 1 + stage 2 1 = 3 epochs)
+    assert set(results) == {"sft", "at", "genaf", "sft-budget", "at-budget"}
+    budget = {m: r["budget"]["total_epochs"] for m, r in results.items()}
+    assert budget == {"sft": 1, "at": 2, "genaf": 3, "sft-budget": 3, "at-budget": 3}
     for m in results:
         met = json.loads((out / m / "metrics.json").read_text())
         assert 0 <= met["clean_acc"] <= 1 and met["n_test"] == 256 and met["seed"] == 0
         assert {"l4a-base", "ssp-universal", "uniform-noise", "pgd10-wb"} <= set(met["robust_acc"])
         assert set(met["fooling_rate"]) == set(met["robust_acc"]) and "versions" in met
     report = (out / "report.md").read_text()
-    assert "| genaf |" in report and "16/255" in report and "surrogate" in report.lower() or "outside" in report
+    assert "| genaf |" in report and "| at-budget |" in report and "16/255" in report
+    assert "surrogate reserve" in report and "passes/img" in report
     assert (out / "genaf" / "sensitivity.json").is_file()
     assert (out / "perturbations" / "ssp-universal.delta.png").is_file()
 

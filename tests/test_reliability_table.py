@@ -146,7 +146,7 @@ CASES = [
     ("image folder with no images", FT + ["--dataset", "imagefolder:{empty}"], "no class folders"),
     ("image folder with an unreadable image", FT + ["--dataset", "imagefolder:{unreadable}"], "cannot read image"),
     ("image size 0", FT + ["--method", "sft", "--image-size", "0"], "image size"),
-    ("split larger than the dataset", FT0 + ["--n-train", "100000"], "too many"),
+    ("split larger than the dataset", FT0 + ["--n-train", "100000"], "is more than the"),
     ("empty split", FT0 + ["--n-test", "0"], "must be positive"),
     ("run directory missing", ["evaluate", "--model", "{tmp}/nothing"], "not a genaf run directory"),
     ("perturbation file missing", EV + ["{tmp}/none.pt"], "does not exist"),
@@ -158,10 +158,16 @@ CASES = [
     ("perturbation with 2 channels on RGB images", EV + ["{two}"], "2 channels"),
     (
         "labels out of the model's range",
-        ["evaluate", "--model", "{run}", "--dataset", "imagefolder:{twelve}"],
+        ["evaluate", "--model", "{run}", "--dataset", "imagefolder:{twelve}", "--out", "{tmp}/twelve.json"],
         "classes",
     ),
     ("per-sample attack asked to craft a universal one", ["attack", "--attack", "ssp", "--eps", "8/255"], "per-sample"),
+    (
+        "another dataset's numbers into the run's record",
+        ["evaluate", "--model", "{run}", "--dataset", "imagefolder:{twelve}"],
+        "--out FILE",
+    ),
+    ("data root asked for but empty", FT0 + ["--data-root", "{tmp}"], "was asked for"),
 ]
 
 

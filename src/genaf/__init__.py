@@ -15,6 +15,7 @@ __all__ = [
     "load_dataset",
     "load_model",
     "finetune",
+    "craft",
     "evaluate",
 ]
 

@@ -10,6 +10,7 @@ metrics = genaf.evaluate("runs/genaf", perturbations={"l4a": pert})
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from .attacks import Perturbation, create_attack
 from .attacks.universal import encoder_hash
 from .config import resolve
 from .data import DataModule, ImageSet, load_dataset
+from .data.module import small_split_warning
 from .encoders import Encoder, load_encoder
-from .errors import CheckpointError, ConfigError
-from .evaluate import evaluate_model
+from .errors import CheckpointError, ConfigError, DataError
+from .evaluation import evaluate_model
 from .methods.base import create_method
 from .models import DownstreamModel, load_model, save_model
 from .train import TrainConfig, Trainer
@@ -43,6 +45,7 @@ def data_from_config(cfg: dict) -> DataModule:
         n_test=d.get("n_test"),
         seed=cfg["seed"],
         download=d.get("download", False),
+        surrogate_reserve=d.get("surrogate_reserve"),
     )
 
 
@@ -55,6 +58,17 @@ def _check_layer_counts(mcfg: dict, model: DownstreamModel) -> None:
         k = int(mcfg.get(key) or 0)
         if k > n:
             raise ConfigError(f"{key}={k} but the model has only {n} Conv2d/Linear layers; choose {key} <= {n}")
+
+
+def _warn(log, msg: str) -> None:
+    """A warning goes to the log and, when the log is silenced, to stderr."""
+    import sys
+
+    if log in (None, print):
+        print(f"genaf: {msg}", file=sys.stderr)
+    else:
+        log(msg)
+        print(f"genaf: {msg}", file=sys.stderr)
 
 
 def weight_drift(model: DownstreamModel, start: dict[str, torch.Tensor]) -> float:
@@ -120,6 +134,9 @@ def finetune(
     _check_layer_counts(meth.cfg, model)
     start = {k: v.detach().clone() for k, v in model.encoder.named_parameters()}
     start_hash = encoder_hash(enc)
+    warn = small_split_warning(f"validation split of {dm.name}", len(dm.val))
+    if warn:
+        _warn(log, warn)
     t0 = time.time()
     trainer = Trainer(model, dm, meth, tcfg, out, device, log=log)
     artifacts = trainer.fit(resume=resume)
@@ -148,11 +165,62 @@ def finetune(
         "weight_drift": weight_drift(model, {k: v.to(device) for k, v in start.items()}),
         "train_seconds": round(seconds, 1),
         "selected_epochs": artifacts.get("selected_epoch", {}),
+        "budget": trainer.budget(),
+        "data": cfg["data_info"],
         "versions": versions(),
     }
     write_json(out / "metrics.json", metrics)
     write_json(out / "predictions.json", res["per_sample"])
     return metrics
+
+
+def surrogate_record(surrogate: ImageSet) -> dict:
+    """What a perturbation records of the images it was crafted from: dataset, split, count,
+    and the dataset indices (and their digest), so that disjointness can be checked later."""
+    from .data.module import index_digest
+
+    idx = surrogate.indices.to(torch.int64).cpu()
+    return {
+        "dataset": surrogate.dataset,
+        "split": surrogate.split,
+        "n": len(surrogate),
+        "indices_sha256": index_digest(idx),
+        "indices": idx.tolist(),
+    }
+
+
+def stale_reasons(
+    pert: Perturbation,
+    *,
+    attack: str,
+    eps: float,
+    seed: int,
+    preset: str,
+    options: dict,
+    encoder: Encoder,
+    surrogate: ImageSet,
+) -> list[str]:
+    """Why a cached perturbation is not the one these settings would craft (empty: it is)."""
+    why = []
+    if pert.attack != attack:
+        why.append(f"attack {pert.attack} != {attack}")
+    if abs(float(pert.eps) - float(eps)) > 1e-9:
+        why.append(f"eps {pert.eps:.6f} != {eps:.6f}")
+    if int(pert.seed) != int(seed):
+        why.append(f"seed {pert.seed} != {seed}")
+    if pert.config.get("preset") != preset:
+        why.append(f"preset {pert.config.get('preset')} != {preset}")
+    for k, v in options.items():
+        if pert.config.get(k) != v:
+            why.append(f"{k} {pert.config.get(k)!r} != {v!r}")
+    h = encoder_hash(encoder)
+    if pert.encoder_hash != h:
+        why.append(f"crafted on encoder {pert.encoder_hash or '?'}, not {h}")
+    rec = pert.config.get("surrogate_data") or {}
+    want = surrogate_record(surrogate)
+    if rec.get("indices_sha256") != want["indices_sha256"] or rec.get("dataset") != want["dataset"]:
+        why.append("crafted from other surrogate images")
+    return why
 
 
 def craft(
@@ -168,8 +236,25 @@ def craft(
     log=None,
     **cfg: Any,
 ) -> Perturbation:
-    """Craft a universal perturbation with ``attack`` on ``encoder`` from surrogate images."""
+    """Craft a universal perturbation with ``attack`` on ``encoder`` from surrogate images.
+
+    ``surrogate`` must come from a dataset's surrogate reserve (``data.surrogate(n)``): images
+    that no downstream train/validation split uses. Images of a train, validation or test split
+    are refused, since a defender trains or reports on them. The images' dataset, count and
+    indices are recorded in ``pert.config['surrogate_data']``.
+    """
     check_eps(eps)
+    if not isinstance(surrogate, ImageSet):
+        raise ConfigError(f"craft wants the surrogate images as an ImageSet (data.surrogate(n)), got {type(surrogate)}")
+    if surrogate.split != "surrogate":
+        raise ConfigError(
+            f"craft draws the attacker's images from a surrogate reserve, but these are {len(surrogate)} images of "
+            f"the {surrogate.split} split of {surrogate.dataset or 'a dataset'}, which a defender trains or "
+            "reports on; "
+            "pass data.surrogate(n) of this dataset or of another one"
+        )
+    if len(surrogate) == 0:
+        raise DataError("craft got no surrogate images")
     enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
     dev = resolve_device(device)
     enc = enc.to(dev)
@@ -177,11 +262,15 @@ def craft(
     if not hasattr(att, "fit"):
         raise ConfigError(
             f"attack '{attack}' is per-sample (it perturbs each image on its own): it has no universal "
-            "perturbation to craft; choose a universal attack"
+            "perturbation to craft; evaluate it with genaf evaluate --attack {attack} (crafted per test image on "
+            "the original encoder)".replace("{attack}", attack)
         )
-    pert = att.fit(surrogate, device=dev, surrogate=surrogate_name, log=log)
+    record = surrogate_record(surrogate)
+    name = surrogate_name or f"{surrogate.dataset} surrogate reserve ({len(surrogate)} images)"
+    pert = att.fit(surrogate, device=dev, surrogate=name, log=log)
     pert.config["seconds"] = round(getattr(att, "seconds", 0.0), 2)
     pert.config["images_seen"] = int(getattr(att, "images_seen", 0) or 0)
+    pert.config["surrogate_data"] = record
     if out is not None:
         pert.save(out)
     return pert
@@ -204,6 +293,64 @@ def _wb_config(cfg: dict, whitebox: bool, autoattack: bool | str) -> dict | None
     return {**wb, "autoattack": True, "autoattack_version": version}
 
 
+def craft_per_sample(
+    encoder: str | Encoder,
+    attack: str,
+    preset: str = "cpu",
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    expected_hash: str | None = None,
+    **cfg: Any,
+):
+    """A per-sample DAE on the *original* encoder: returns ``(fn, description)`` where
+    ``fn(x) -> x_adv`` perturbs a [0,1] batch on that encoder alone (no head, no labels).
+
+    ``expected_hash``: the hash of the encoder a run was fine-tuned from; an encoder spec that
+    now loads other weights is refused (the attack would run on another encoder)."""
+    enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
+    h = encoder_hash(enc)
+    if expected_hash and h != expected_hash:
+        raise CheckpointError(
+            f"the run was fine-tuned from an encoder with hash {expected_hash} but '{encoder}' now loads {h}: "
+            "a per-sample DAE must be crafted on the original encoder; point the spec at that file"
+        )
+    dev = resolve_device(device) if isinstance(device, str) else device
+    enc = enc.to(dev).eval()
+    att = create_attack(attack, enc, preset=preset, seed=seed, **cfg)
+    if hasattr(att, "fit"):
+        raise ConfigError(
+            f"attack '{attack}' is universal: craft it once with genaf attack and pass the file with --perturbation"
+        )
+    desc = {
+        "attack": attack,
+        "eps": float(att.eps),
+        "preset": preset,
+        "config": {k: v for k, v in getattr(att, "cfg", {}).items() if isinstance(v, (int, float, str, bool))},
+        "encoder_hash": h,
+        "crafted_on": enc.meta.get("source", "") if hasattr(enc, "meta") else "",
+        "seed": seed,
+    }
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return att(x.to(dev)).to(x.device)
+
+    return run, desc
+
+
+def _writable(path: Path) -> bool:
+    """Whether a file can be written at ``path`` (tried for real: permissions, a read-only file
+    system, a missing folder), before any work whose result would be lost."""
+    import tempfile
+
+    if path.exists() and not os.access(path, os.W_OK):
+        return False
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-test-"):
+            return True
+    except OSError:
+        return False
+
+
 def evaluate(
     run_dir: str | Path,
     perturbations: dict[str, Perturbation | str | Path] | None = None,
@@ -213,50 +360,115 @@ def evaluate(
     whitebox: bool = False,
     autoattack: bool | str = False,
     resize: str | None = None,
+    per_sample: list[str] | dict[str, dict] | None = None,
+    split: str = "test",
+    out: str | Path | None = None,
+    preset: str = "cpu",
+    adversarial: dict | None = None,
+    log=None,
 ) -> dict:
-    """Evaluate a finished run against perturbations; adds one entry per perturbation to its
-    ``metrics.json`` and returns the updated metrics."""
+    """Evaluate a finished run against universal perturbations and per-sample DAEs.
+
+    Every entry names the dataset, split and perturbation it was measured on.
+
+    - ``split="test"`` (default): entries are merged into the run's ``metrics.json``;
+      ``split="val"``: into its ``validation`` section (what selection decisions may use).
+    - ``per_sample``: attack names (or name -> options) of per-sample DAEs, crafted for each
+      evaluated image on the run's *original* encoder (its hash is checked);
+      ``adversarial``: per-sample DAEs crafted beforehand, name -> (images aligned with the
+      evaluated split, description) (the bench caches them across methods).
+    - ``dataset``: another dataset than the run's own. Its numbers never enter the run's
+      record: ``out`` (a JSON file) is then required. ``out`` also serves a read-only run
+      directory; the run's ``metrics.json`` is then left as it is.
+    Returns the metrics written.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a genaf run directory (no config.yaml)")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    if dataset:
+    if not isinstance(cfg, dict) or "dataset" not in cfg:
+        raise CheckpointError(f"{run_dir / 'config.yaml'} is empty or not a genaf run configuration")
+    if split not in ("test", "val"):
+        raise ConfigError(f"split must be 'test' or 'val', got '{split}'")
+    own = cfg["dataset"]
+    other = bool(dataset) and dataset != own
+    if other:
+        if out is None:
+            raise ConfigError(
+                f"{run_dir} was fine-tuned on {own}; numbers measured on {dataset} do not belong in its metrics.json: "
+                "write them to their own file with --out FILE"
+            )
         cfg["dataset"] = dataset
+    metrics_path = Path(out) if out is not None else run_dir / "metrics.json"
+    if out is None and not _writable(metrics_path):
+        raise CheckpointError(
+            f"{metrics_path} is not writable; nothing was evaluated. Write the results elsewhere with --out FILE"
+        )
+    if out is not None and (metrics_path.is_dir() or not _writable(metrics_path)):
+        raise CheckpointError(f"--out {metrics_path} is a folder or not writable; name a writable JSON file")
     dev = resolve_device(device)
     model = load_model(run_dir, dev)
     dm = datamodule if datamodule is not None else data_from_config(cfg)
+    images = dm.test if split == "test" else dm.val
     perts = {}
     for name, p in (perturbations or {}).items():
         perts[name] = p if isinstance(p, Perturbation) else Perturbation.load(p)
         if resize is not None:
             perts[name].resize = resize
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    run_metrics_path = run_dir / "metrics.json"
+    run_metrics = json.loads(run_metrics_path.read_text()) if run_metrics_path.is_file() else {}
+    adversarial = dict(adversarial or {})
+    items = per_sample.items() if isinstance(per_sample, dict) else ((n, {}) for n in (per_sample or []))
+    for name, opts in items:
+        opts = dict(opts or {})
+        attack = opts.pop("attack", name)
+        adversarial[name] = craft_per_sample(
+            cfg["encoder"],
+            attack,
+            preset=opts.pop("preset", preset),
+            seed=cfg["seed"],
+            device=dev,
+            expected_hash=run_metrics.get("encoder_hash"),
+            **opts,
+        )
     res = evaluate_model(
         model,
-        dm.test,
+        images,
         perts,
         whitebox=_wb_config(cfg, whitebox, autoattack),
         device=dev,
         batch_size=cfg["eval"]["batch_size"],
         seed=cfg["seed"],
-        start_encoder_hash=metrics.get("encoder_hash"),
+        start_encoder_hash=run_metrics.get("encoder_hash"),
         check_whitebox=cfg["eval"]["whitebox"],
+        adversarial=adversarial,
+        split_indices=None if other else {"train": dm.train.indices, "val": dm.val.indices},
     )
     new = res["metrics"]
-    if metrics and abs(metrics.get("clean_acc", new["clean_acc"]) - new["clean_acc"]) > 1e-9 and not dataset:
+    if out is not None:
+        base = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        if base and base.get("run") not in (None, str(run_dir)):
+            raise ConfigError(f"--out {metrics_path} holds the results of another run ({base.get('run')})")
+        if base and base.get("evaluated_on", {}).get("dataset") not in (None, new["evaluated_on"]["dataset"]):
+            raise ConfigError(f"--out {metrics_path} holds results measured on another dataset")
+    else:
+        base = run_metrics
+    section = base if split == "test" else base.setdefault("validation", {})
+    if section and "clean_acc" in section and abs(section["clean_acc"] - new["clean_acc"]) > 1e-9:
         raise CheckpointError(
-            f"clean accuracy of {run_dir} changed on re-evaluation "
-            f"({metrics['clean_acc']:.4f} -> {new['clean_acc']:.4f}); is the data the same?"
+            f"clean accuracy of {run_dir} on its {split} split changed on re-evaluation "
+            f"({section['clean_acc']:.4f} -> {new['clean_acc']:.4f}); is the data the same?"
         )
-    merged = dict(metrics) if metrics else {k: v for k, v in new.items()}
     for k in ("robust_acc", "fooling_rate", "attack_success_rate", "relative_decline", "attacks"):
-        merged.setdefault(k, {}).update(new[k])
+        section.setdefault(k, {}).update(new[k])
     if "checks" in new:
-        merged["checks"] = new["checks"]
-    merged["clean_acc"] = new["clean_acc"]
-    merged["n_test"] = new["n_test"]
-    merged.setdefault("seed", cfg["seed"])
-    merged.setdefault("versions", versions())
-    write_json(metrics_path, merged)
-    return merged
+        section["checks"] = new["checks"]
+    section["clean_acc"] = new["clean_acc"]
+    section["n_test" if split == "test" else "n_val"] = new["n_test"]
+    section["evaluated_on"] = new["evaluated_on"]
+    if out is not None:
+        base.setdefault("run", str(run_dir))
+    base.setdefault("seed", cfg["seed"])
+    base.setdefault("versions", versions())
+    write_json(metrics_path, base)
+    return base

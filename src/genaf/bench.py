@@ -105,10 +105,11 @@ TOP_KEYS = (
     "whitebox",
     "fresh_head",
     "selfattack",
+    "budget_controls",
 )
-DATA_KEYS = ("root", "download", "image_size")
+DATA_KEYS = ("root", "download", "image_size", "surrogate_reserve")
 DATASET_KEYS = ("name", "label", "n_train", "n_val", "n_test", *DATA_KEYS)
-SURROGATE_KEYS = ("dataset", "label", "n", "n_train", "n_val", "image_size", "root", "download", "resize")
+SURROGATE_KEYS = ("dataset", "label", "n", "reserve", "image_size", "root", "download", "resize")
 WHITEBOX_KEYS = (
     "eps",
     "step",
@@ -135,7 +136,11 @@ COLUMNS = (
     "fooling_rate",
     "attack_success_rate",
     "relative_decline",
+    "val_clean_acc",
+    "val_robust_acc",
     "drift",
+    "total_epochs",
+    "passes_per_image",
     "checks",
     "method_name",
     "attack_name",
@@ -321,9 +326,13 @@ class DatasetSpec:
     image_size: int | None
     root: str | None
     download: bool
+    surrogate_reserve: int | None = None
 
     def fingerprint(self) -> dict:
-        return {k: getattr(self, k) for k in ("name", "n_train", "n_val", "n_test", "image_size")}
+        fp = {k: getattr(self, k) for k in ("name", "n_train", "n_val", "n_test", "image_size")}
+        if self.surrogate_reserve is not None:
+            fp["surrogate_reserve"] = self.surrogate_reserve
+        return fp
 
 
 @dataclass
@@ -341,6 +350,7 @@ class AttackSpec:
     preset: str
     options: dict  # overrides of the preset, coerced, without eps
     eps: list[float]
+    per_sample: bool = False  # crafted for each evaluated image on the original encoder
 
 
 @dataclass
@@ -360,6 +370,7 @@ class BenchConfig:
     fresh_head: dict | None
     selfattack: list[str]
     raw: dict
+    budget_controls: list[str] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -379,6 +390,7 @@ class BenchConfig:
             "whitebox": self.whitebox,
             "fresh_head": self.fresh_head,
             "selfattack": self.selfattack,
+            "budget_controls": self.budget_controls,
         }
 
 
@@ -445,6 +457,9 @@ def load_config(config: str | os.PathLike | dict) -> BenchConfig:
             image_size=_opt_int(e.get("image_size", data.get("image_size")), f"{where}.image_size"),
             root=e.get("root", data.get("root")),
             download=bool(e.get("download", data.get("download", False))),
+            surrogate_reserve=_opt_int(
+                e.get("surrogate_reserve", data.get("surrogate_reserve")), f"{where}.surrogate_reserve"
+            ),
         )
         if spec.label != _label(spec.label):
             raise _fail(f"{where}: label '{spec.label}' may hold only letters, digits, '.', '_' and '-'")
@@ -464,8 +479,7 @@ def load_config(config: str | os.PathLike | dict) -> BenchConfig:
     surrogate = {
         "dataset": sname,
         "n": n_sur,
-        "n_train": _opt_int(sur.get("n_train"), "surrogate.n_train"),
-        "n_val": _opt_int(sur.get("n_val"), "surrogate.n_val"),
+        "reserve": _opt_int(sur.get("reserve", data.get("surrogate_reserve")), "surrogate.reserve"),
         "image_size": _opt_int(sur.get("image_size", data.get("image_size")), "surrogate.image_size"),
         "root": sur.get("root", data.get("root")),
         "download": bool(sur.get("download", data.get("download", False))),
@@ -508,11 +522,7 @@ def load_config(config: str | os.PathLike | dict) -> BenchConfig:
         opts = dict(opts)
         aname = str(opts.pop("attack", lab))
         cls = _attack_class(aname)
-        if not hasattr(cls, "fit"):
-            raise _fail(
-                f"attacks.{lab}: '{aname}' is a per-sample attack; the bench crafts universal DAEs only "
-                "(its white-box counterpart is the 'whitebox' option)"
-            )
+        per_sample = not hasattr(cls, "fit")
         preset = str(opts.pop("preset", preset0))
         presets = getattr(cls, "presets", {})
         if preset not in presets:
@@ -536,7 +546,7 @@ def load_config(config: str | os.PathLike | dict) -> BenchConfig:
             eps = list(grid)
         else:
             eps = [_eps_value(params["eps"], f"attacks.{lab} (preset eps)")]
-        attacks.append(AttackSpec(lab, aname, preset, coerced, eps))
+        attacks.append(AttackSpec(lab, aname, preset, coerced, eps, per_sample))
 
     # seeds
     seeds_raw = raw.get("seeds", [0])
@@ -599,6 +609,12 @@ def load_config(config: str | os.PathLike | dict) -> BenchConfig:
             selfattack.append(lab)
     else:
         raise _fail(f"selfattack must be true, false or a list of attack labels, got {sa_raw!r}")
+    per = [a.label for a in attacks if a.per_sample and a.label in selfattack]
+    if per and sa_raw is not True:
+        raise _fail(f"selfattack: {per} are per-sample attacks; a self-attack crafts a universal DAE")
+    selfattack = [lab for lab in selfattack if lab not in per]
+    controls = _budget_controls(raw.get("budget_controls", True), methods, create_method)
+    methods += controls
     return BenchConfig(
         name=str(raw.get("name") or "genaf bench"),
         device=device,
@@ -615,7 +631,52 @@ def load_config(config: str | os.PathLike | dict) -> BenchConfig:
         fresh_head=fresh_head,
         selfattack=selfattack,
         raw=raw,
+        budget_controls=[m.label for m in controls],
     )
+
+
+def genaf_total_epochs(cfg: dict) -> int:
+    """Every epoch a Gen-AF run trains: head warm-up + stage 1 + stage 2."""
+    return int(cfg["warmup_epochs"]) + int(cfg["epochs"]) + (int(cfg["stage2_epochs"]) if cfg.get("stage2") else 0)
+
+
+def _budget_controls(value: Any, methods: list, create_method) -> list:
+    """SFT and AT again at Gen-AF's total training budget (epochs), so that a gain that is only
+    more training shows. ``budget_controls``: true (default), false, or a list of method labels
+    (of sft/at methods) to control."""
+    if value is False or value is None:
+        return []
+    g = next((m for m in methods if m.label == "genaf"), None) or next(
+        (m for m in methods if m.method == "genaf"), None
+    )
+    if g is None:
+        return []
+    total = genaf_total_epochs(g.resolved)
+    labels = {m.label for m in methods}
+    if isinstance(value, list):
+        unknown = [v for v in value if v not in labels]
+        if unknown:
+            raise _fail(f"budget_controls: {unknown} are not method labels of this config")
+        bases = [m for m in methods if m.label in value]
+    elif value is True:
+        bases = [m for m in methods if m.method in ("sft", "at") and m.label == m.method]
+    else:
+        raise _fail(f"budget_controls must be true, false or a list of method labels, got {value!r}")
+    out = []
+    for m in bases:
+        if m.method not in ("sft", "at"):
+            raise _fail(f"budget_controls: {m.label} is a {m.method} run; only sft and at runs have a budget control")
+        warm = int(m.resolved.get("warmup_epochs", 0)) if m.method == "at" else 0
+        epochs = total - warm
+        if epochs == int(m.resolved["epochs"]) or epochs < 1:
+            continue  # already at that budget
+        label = f"{m.label}-budget"
+        if label in labels:
+            continue  # the config names its own
+        opts = {**m.options, "epochs": epochs}
+        meth = _validated_method(create_method, m.method, opts, f"budget_controls.{label}")
+        out.append(MethodSpec(label, m.method, {k: meth.cfg[k] for k in opts}, dict(meth.cfg)))
+    return out
 
 
 def _opt_int(v: Any, where: str) -> int | None:
@@ -824,40 +885,35 @@ class Bench:
                 n_test=ds.n_test,
                 seed=seed,
                 download=ds.download,
+                surrogate_reserve=ds.surrogate_reserve,
             )
         return self._data[key]
 
     def surrogate(self, seed: int):
-        """The attacker's images for ``seed``: the surrogate pool of the surrogate dataset, cut so
-        that it shares no image with any downstream train/val split of that dataset and seed."""
+        """The attacker's images for ``seed``: the first ``n`` of the surrogate dataset's reserve,
+        which no downstream train/val split of that dataset uses for any seed (genaf.data)."""
         from .data import load_dataset
 
         if seed in self._surrogates:
             return self._surrogates[seed]
         s = self.cfg.surrogate
-        n_val, n_train = s["n_val"], s["n_train"]
-        if n_val is None and n_train is None:
-            same = [d for d in self.cfg.datasets if d.name == s["dataset"]]
-            reserve = 0
-            for d in same:
-                info = self.data(d, seed).info
-                reserve = max(reserve, info["n_train"] + info["n_val"])
-            n_val, n_train = 1, max(1, reserve - 1)
+        for d in self.cfg.datasets:
+            if d.name == s["dataset"] and d.surrogate_reserve != s["reserve"]:
+                raise ConfigError(
+                    f"datasets entry {d.label} keeps a surrogate reserve of {d.surrogate_reserve} but the surrogate "
+                    f"draws from a reserve of {s['reserve']}; give both the same surrogate_reserve "
+                    "(data.surrogate_reserve)"
+                )
         dm = load_dataset(
             _expand(s["dataset"]),
             root=_expand(s["root"]),
             image_size=s["image_size"],
-            n_train=n_train,
-            n_val=n_val,
             seed=seed,
             download=s["download"],
+            surrogate_reserve=s["reserve"],
         )
-        if len(dm.surrogate_pool):
-            images, where = dm.surrogate(s["n"]), "surrogate pool"
-        else:
-            images, where = dm.train.subset(s["n"]), "training split (no images left for a pool)"
-            self.log(f"bench: WARNING: {s['dataset']} has no images outside the downstream splits; using its {where}")
-        name = f"{s['dataset']} {where} ({len(images)} images, seed {seed})"
+        images = dm.surrogate(s["n"])
+        name = f"{s['dataset']} surrogate reserve ({len(images)} images)"
         self._surrogates = {seed: (images, name)}
         return self._surrogates[seed]
 
@@ -919,7 +975,7 @@ class Bench:
 
     def wb_names(self) -> list[tuple[str, float]]:
         from .config import DEFAULTS
-        from .evaluate import whitebox_attacks
+        from .evaluation import whitebox_attacks
 
         if self.cfg.whitebox is None:
             return []
@@ -1024,6 +1080,7 @@ class Bench:
                 "n_val": ds.n_val,
                 "n_test": ds.n_test,
                 "download": ds.download,
+                "surrogate_reserve": ds.surrogate_reserve,
             },
             seed=seed,
             resume=resume,
@@ -1031,28 +1088,52 @@ class Bench:
             log=lambda *_a, **_k: None,
         )
 
-    def evaluate_cells(self, run: Path, cells: list[dict], perts: dict, dm, drift, train_s, setting_run: str) -> list:
+    def evaluate_cells(
+        self, run: Path, cells: list[dict], perts: dict, dm, metrics, setting_run: str, adv=None, train_s=None
+    ) -> list:
+        """Rows of ``cells`` from one evaluation of ``run`` on the test split and one on the
+        validation split (the numbers every decision of the report is made on)."""
         from .api import evaluate
 
         if not cells:
             return []
+        adv = adv or {}
         t0 = time.time()
-        m = evaluate(run, perts, datamodule=dm, device=str(self.dev), whitebox=False)
+        m = evaluate(
+            run,
+            perts,
+            datamodule=dm,
+            device=str(self.dev),
+            whitebox=False,
+            adversarial={k: v["test"] for k, v in adv.items()},
+        )
+        v = evaluate(
+            run,
+            perts,
+            datamodule=dm,
+            device=str(self.dev),
+            whitebox=False,
+            split="val",
+            adversarial={k: v["val"] for k, v in adv.items()},
+        )["validation"]
         dt = round(time.time() - t0, 2)
         checks = _checks_text(m)
         rows = []
         for c in cells:
             pname = c["pname"]
+            craft_s = perts[pname].config.get("seconds", 0.0) if pname in perts else adv[pname]["test"][1]["seconds"]
             rows.append(
                 self._row(
                     c,
+                    metrics,
                     clean_acc=m["clean_acc"],
                     robust_acc=m["robust_acc"][pname],
                     fooling_rate=m["fooling_rate"][pname],
-                    drift=drift,
+                    val_clean_acc=v["clean_acc"],
+                    val_robust_acc=v["robust_acc"][pname],
                     checks=checks,
-                    train_seconds=train_s,
-                    craft_seconds=float(perts[pname].config.get("seconds", 0.0)),
+                    train_seconds=metrics.get("train_seconds") if train_s is None else train_s,
+                    craft_seconds=float(craft_s),
                     eval_seconds=dt,
                     run=setting_run,
                     perturbation=c.get("pfile", ""),
@@ -1060,9 +1141,63 @@ class Bench:
             )
         return rows
 
-    def _row(self, c: dict, **vals) -> dict:
+    def per_sample_images(self, enc: str, ds: DatasetSpec, a: AttackSpec, eps: float, seed: int, dm) -> dict:
+        """Per-sample DAEs of ``a`` on the original encoder for the test and validation images of
+        ``dm``: ``{"test": (images, desc), "val": (images, desc)}``, crafted once and cached in
+        ``OUT/per-sample/`` (they do not depend on the fine-tuned model)."""
+        import torch
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        from .api import craft_per_sample
+
+        spec = dict(self.cfg.encoders)[enc]
+        fp = _hash(
+            {
+                "encoder": spec,
+                "dataset": ds.fingerprint(),
+                "attack": a.attack,
+                "preset": a.preset,
+                "options": a.options,
+                "eps": eps,
+                "seed": seed,
+            }
+        )
+        folder = self.out / "per-sample" / enc / ds.label / a.label
+        out = {}
+        fn = desc = None
+        for split, images in (("test", dm.test), ("val", dm.val)):
+            path = folder / f"eps{_eps_tag(eps)}-seed{seed}-{fp}-{split}.safetensors"
+            if path.is_file():
+                with safe_open(str(path), framework="pt") as fh:
+                    x = fh.get_tensor("x_adv")
+                    d = json.loads(fh.metadata()["desc"])
+                out[split] = (x, d)
+                continue
+            if fn is None:
+                fn, desc = craft_per_sample(
+                    self.encoder(enc), a.attack, preset=a.preset, seed=seed, device=self.dev, eps=eps, **a.options
+                )
+                self.log(f"bench: crafting per-sample {a.label} (ε={eps:.4f}, seed {seed}) on the original encoder")
+            t0 = time.time()
+            xs = [fn(x).cpu() for x, _, _ in images.batches(self.cfg.eval["batch_size"], device=self.dev)]
+            x = torch.cat(xs).contiguous()
+            d = {**desc, "seconds": round(time.time() - t0, 2), "images": len(x)}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp, x=x, d=d: save_file({"x_adv": x}, tmp, metadata={"desc": json.dumps(d)}))
+            out[split] = (x, d)
+        return out
+
+    def _row(self, c: dict, metrics: dict, **vals) -> dict:
         a = c.get("spec")
         r = {k: c[k] for k in KEY_COLUMNS}
+        budget = metrics.get("budget") or {}
+        passes = (budget.get("encoder_passes_per_train_image") or {}).get("train") or {}
+        r.update(
+            drift=metrics.get("weight_drift"),
+            total_epochs=budget.get("total_epochs"),
+            passes_per_image=round(sum(passes.values()), 2) if passes else None,
+        )
         r.update(vals)
         r["method_name"] = next(m.method for m in self.cfg.methods if m.label == c["method"])
         r["attack_name"] = a.attack if a is not None else c["attack"]
@@ -1073,6 +1208,7 @@ class Bench:
         return {k: r.get(k) for k in COLUMNS}
 
     def unit(self, enc: str, ds: DatasetSpec, m: MethodSpec, seed: int, label: str) -> None:
+        from .api import evaluate
         from .models import load_model
 
         cells = self.unit_cells(enc, ds, m, seed)
@@ -1084,24 +1220,27 @@ class Bench:
         run = self.run_dir(enc, ds, m, seed)
         rel = str(run.relative_to(self.out))
         metrics = self.finetune_run(run, spec, ds, m.method, m.options, seed, self.cfg.whitebox)
-        drift = metrics.get("weight_drift")
-        train_s = metrics.get("train_seconds")
         dm = self.data(ds, seed)
 
         wb = [c for c in pending if c["setting"] == "whitebox"]
         if wb:
+            t0 = time.time()
+            val = evaluate(run, {}, datamodule=dm, device=str(self.dev), whitebox=True, split="val")["validation"]
+            dt = round(time.time() - t0, 2)
             self.record(
                 [
                     self._row(
                         c,
+                        metrics,
                         clean_acc=metrics["clean_acc"],
                         robust_acc=metrics["robust_acc"][c["attack"]],
                         fooling_rate=metrics["fooling_rate"][c["attack"]],
-                        drift=drift,
+                        val_clean_acc=val["clean_acc"],
+                        val_robust_acc=val["robust_acc"][c["attack"]],
                         checks=_checks_text(metrics),
-                        train_seconds=train_s,
+                        train_seconds=metrics.get("train_seconds"),
                         craft_seconds=0.0,
-                        eval_seconds=0.0,
+                        eval_seconds=dt,
                         run=rel,
                         perturbation="",
                     )
@@ -1110,21 +1249,28 @@ class Bench:
             )
 
         dae = [c for c in pending if c["setting"] in ("dae", "fresh-head")]
-        perts = {}
+        perts, adv = {}, {}
         for c in dae:
             a: AttackSpec = c["spec"]
-            path = self.pert_path(enc, a, c["eps"], seed)
             c["pname"] = f"{a.label}@{_eps_tag(c['eps'])}"
+            if a.per_sample:
+                if c["pname"] not in adv:
+                    adv[c["pname"]] = self.per_sample_images(enc, ds, a, c["eps"], seed, dm)
+                continue
+            path = self.pert_path(enc, a, c["eps"], seed)
             c["pfile"] = str(path.relative_to(self.out))
             perts[c["pname"]] = self.perturbation(
                 self.encoder(enc) if not path.is_file() else None, path, a, c["eps"], seed
             )
+
+        def used(cs):
+            names = {c["pname"] for c in cs}
+            return {k: v for k, v in perts.items() if k in names}, {k: v for k, v in adv.items() if k in names}
+
         main = [c for c in dae if c["setting"] == "dae"]
         if main:
-            used = {c["pname"] for c in main}
-            self.record(
-                self.evaluate_cells(run, main, {k: v for k, v in perts.items() if k in used}, dm, drift, train_s, rel)
-            )
+            up, ua = used(main)
+            self.record(self.evaluate_cells(run, main, up, dm, metrics, rel, adv=ua))
 
         fresh = [c for c in dae if c["setting"] == "fresh-head"]
         if fresh:
@@ -1135,16 +1281,10 @@ class Bench:
             if not (fh / "metrics.json").is_file() and not enc_file.is_file():
                 save_encoder(load_model(run).encoder, enc_file)
             fm = self.finetune_run(fh, f"file:{enc_file.resolve()}", ds, "lp", self.cfg.fresh_head, seed, None)
-            used = {c["pname"] for c in fresh}
+            up, ua = used(fresh)
             self.record(
                 self.evaluate_cells(
-                    fh,
-                    fresh,
-                    {k: v for k, v in perts.items() if k in used},
-                    dm,
-                    drift,
-                    fm.get("train_seconds"),
-                    str(fh.relative_to(self.out)),
+                    fh, fresh, up, dm, metrics, str(fh.relative_to(self.out)), adv=ua, train_s=fm.get("train_seconds")
                 )
             )
 
@@ -1172,7 +1312,7 @@ class Bench:
                 c["pname"] = f"self-{a.label}@{_eps_tag(c['eps'])}"
                 c["pfile"] = str(path.relative_to(self.out))
                 sperts[c["pname"]] = self.perturbation(defended, path, a, c["eps"], seed)
-            self.record(self.evaluate_cells(run, selfc, sperts, dm, drift, train_s, rel))
+            self.record(self.evaluate_cells(run, selfc, sperts, dm, metrics, rel))
 
     def run(self) -> None:
         c = self.cfg

@@ -12,7 +12,13 @@ column in bold — then:
   region of [0, 100]² that the front dominates (the union of the rectangles [0, CA] ×
   [0, RA] of its methods; 10⁴ would be a perfect method);
 - whether Gen-AF is on the front: every method with both higher clean accuracy and higher
-  mean DAE robust accuracy than ``genaf`` is flagged.
+  mean DAE robust accuracy than ``genaf`` is flagged;
+- each method's training budget (epochs and encoder passes per training image).
+
+Every decision (the front, the flags) is made on the **validation** split (``val_clean_acc``,
+``val_robust_acc``: downstream training images held out from training, attacked with the same
+DAEs); the test split is shown as the final numbers and never used to choose. Rows without
+validation numbers (an older genaf) are reported with no decision.
 
 "Mean DAE RA" averages the universal DAE attacks (setting ``dae``) over attacks and ε, per
 seed; ``uniform-noise`` is a random control, shown but left out of that mean.
@@ -95,10 +101,22 @@ def front_area(points: list[tuple[float, float]]) -> float:
 
 
 # ---------------------------------------------------------------------------- aggregation
-class Group:
-    """The rows of one (encoder, dataset, setting) with per-method, per-seed aggregates."""
+SPLIT_KEYS = {"test": ("clean_acc", "robust_acc"), "val": ("val_clean_acc", "val_robust_acc")}
 
-    def __init__(self, rows: list[dict]) -> None:
+
+def has_validation(rows: list[dict]) -> bool:
+    """Whether every row carries its validation numbers (what decisions are made on)."""
+    return bool(rows) and all(r.get("val_clean_acc") is not None and r.get("val_robust_acc") is not None for r in rows)
+
+
+class Group:
+    """The rows of one (encoder, dataset, setting) with per-method, per-seed aggregates, on the
+    test split (final numbers) or the validation split (``split="val"``: every decision)."""
+
+    def __init__(self, rows: list[dict], split: str = "test") -> None:
+        self.split = split
+        ck, rk = SPLIT_KEYS[split]
+        rows = [{**r, "clean_acc": r.get(ck), "robust_acc": r.get(rk)} for r in rows]
         self.rows = rows
         self.methods = _unique(r["method"] for r in rows)
         self.seeds = _unique(r["seed"] for r in rows)
@@ -223,25 +241,31 @@ def genaf_label(methods: list[str], rows: list[dict]) -> str | None:
     return None
 
 
-def front_section(g: Group) -> tuple[str, dict]:
+def front_section(g: Group, test: Group | None = None) -> tuple[str, dict]:
+    """The clean–robust front of ``g`` (the validation group: the front is a decision) with the
+    test numbers of ``test`` as the final columns, reported and not used."""
     points = {m: (100 * g.ca(m)[0], 100 * g.mean_dae(m)[0]) for m in g.methods}
     points = {m: p for m, p in points.items() if p[0] == p[0] and p[1] == p[1]}
     front = pareto_front(points)
     area = front_area([points[m] for m in front])
+    split = "validation" if g.split == "val" else "test"
+    extra = " test CA | test mean DAE RA |" if test is not None else ""
     lines = [
-        "| method | CA | mean DAE RA | on the front | dominated area |",
-        "|---|---:|---:|:---:|---:|",
+        f"| method | {split} CA | {split} mean DAE RA | on the front | dominated area |{extra}",
+        "|---|---:|---:|:---:|---:|" + ("---:|---:|" if test is not None else ""),
     ]
     for m in g.methods:
         if m not in points:
             continue
         x, y = points[m]
-        lines.append(f"| {m} | {x:.1f} | {y:.1f} | {'yes' if m in front else ''} | {x * y:.0f} |")
+        tail = f" {100 * test.ca(m)[0]:.1f} | {100 * test.mean_dae(m)[0]:.1f} |" if test is not None else ""
+        lines.append(f"| {m} | {x:.1f} | {y:.1f} | {'yes' if m in front else ''} | {x * y:.0f} |{tail}")
     text = [
         "\n".join(lines),
         "",
-        f"Area under the clean–robust front (CA × mean DAE RA, in %², of at most 10000): **{area:.0f}** "
-        f"(front: {', '.join(front) or '—'}).",
+        f"Decided on the {split} split: area under the clean–robust front (CA × mean DAE RA, in %², of at most "
+        f"10000): **{area:.0f}** (front: {', '.join(front) or '—'})."
+        + (" The test columns are reported only; no choice uses them." if test is not None else ""),
     ]
     gl = genaf_label(g.methods, g.rows)
     dominating = []
@@ -250,12 +274,31 @@ def front_section(g: Group) -> tuple[str, dict]:
         dominating = [m for m in g.methods if m != gl and m in points and points[m][0] > gx and points[m][1] > gy]
         if dominating:
             text.append(
-                f"**FLAG: {', '.join(dominating)} beat{'s' if len(dominating) == 1 else ''} `{gl}` on both clean "
-                f"accuracy and mean DAE robust accuracy: `{gl}` is not on the front.**"
+                f"**FLAG: {', '.join(dominating)} beat{'s' if len(dominating) == 1 else ''} `{gl}` on both {split} "
+                f"clean accuracy and {split} mean DAE robust accuracy: `{gl}` is not on the front.**"
             )
         else:
-            text.append(f"No method beats `{gl}` on both clean accuracy and mean DAE robust accuracy.")
-    return "\n".join(text), {"front": front, "area": area, "points": points, "dominating_genaf": dominating}
+            text.append(f"No method beats `{gl}` on both {split} clean accuracy and {split} mean DAE robust accuracy.")
+    info = {"split": split, "front": front, "area": area, "points": points, "dominating_genaf": dominating}
+    return "\n".join(text), info
+
+
+def budget_table(rows: list[dict]) -> str:
+    """Each method's training budget: epochs (every stage together) and encoder passes per
+    training image (forward or forward+backward, attack steps included), mean over seeds."""
+    methods = _unique(r["method"] for r in rows)
+    lines = ["| method | epochs | encoder passes per training image |", "|---|---:|---:|"]
+    for m in methods:
+        per = {}
+        for r in rows:
+            if r["method"] == m:
+                per.setdefault(r["seed"], (r.get("total_epochs"), r.get("passes_per_image")))
+        ep = [v[0] for v in per.values() if v[0] is not None]
+        pa = [v[1] for v in per.values() if v[1] is not None]
+        e = f"{sum(ep) / len(ep):g}" if ep else "—"
+        p = f"{sum(pa) / len(pa):.1f}" if pa else "—"
+        lines.append(f"| {m} | {e} | {p} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- plots
@@ -452,20 +495,59 @@ def build_report(out_dir: str | os.PathLike) -> Path:
             settings = []
             text += ["### White-box only", "", paper_table(wb), ""]
         for setting in settings:
-            g = Group([r for r in sub if r["setting"] == setting])
+            srows = [r for r in sub if r["setting"] == setting]
+            g = Group(srows)
             slug = _slug(enc, ds, setting)
-            text += [f"### {SETTING_TITLES.get(setting, setting)}", ""]
-            text += [paper_table(g, wb if setting == "dae" else None), ""]
-            text += ["Expected robustness (RA of each attack averaged over its ε grid):", "", expected_table(g), ""]
-            sec, info = front_section(g)
-            summary[f"{enc}/{ds}/{setting}"] = info
-            text += ["Clean–robust trade-off:", "", sec, ""]
             t = f"{enc} → {ds} ({setting})"
-            plot_tradeoff(g, info, f"Clean–robust trade-off: {t}", figs / f"tradeoff-{slug}.png")
+            text += [f"### {SETTING_TITLES.get(setting, setting)}", ""]
+            if has_validation(srows):
+                gv = Group(srows, "val")
+                wbv = Group(wb_rows, "val") if wb is not None and has_validation(wb_rows) else None
+                text += [
+                    "**Validation split** (downstream training images held out from training; DAEs crafted from the "
+                    "surrogate reserve). Every decision of this report — the front, the flags — is made on these:",
+                    "",
+                    paper_table(gv, wbv if setting == "dae" else None),
+                    "",
+                ]
+                sec, info = front_section(gv, g)
+                plot_tradeoff(gv, info, f"Clean–robust trade-off (validation): {t}", figs / f"tradeoff-{slug}.png")
+            else:
+                text += [
+                    "**No validation numbers in these rows** (results of an older genaf): no decision is made below; "
+                    "rerun `genaf bench` to record them.",
+                    "",
+                ]
+                sec, info = front_section(g)
+                info["split"] = "test (no validation numbers: reported, not decided)"
+                plot_tradeoff(g, info, f"Clean–robust trade-off (test): {t}", figs / f"tradeoff-{slug}.png")
+            summary[f"{enc}/{ds}/{setting}"] = info
+            text += [
+                "**Test split** (final numbers; no choice uses them):",
+                "",
+                paper_table(g, wb if setting == "dae" else None),
+                "",
+            ]
+            text += [
+                "Expected robustness (test; RA of each attack averaged over its ε grid):",
+                "",
+                expected_table(g),
+                "",
+            ]
+            text += ["Clean–robust trade-off:", "", sec, ""]
+            text += [
+                "Training budget of each method (a gain that is only more training shows here):",
+                "",
+                budget_table(srows),
+                "",
+            ]
             plot_attack_bars(
-                g, f"Robust accuracy per attack: {t}", figs / f"attacks-{slug}.png", wb if setting == "dae" else None
+                g,
+                f"Robust accuracy per attack (test): {t}",
+                figs / f"attacks-{slug}.png",
+                wb if setting == "dae" else None,
             )
-            plot_eps(g, f"Robust accuracy against ε: {t}", figs / f"eps-{slug}.png")
+            plot_eps(g, f"Robust accuracy against ε (test): {t}", figs / f"eps-{slug}.png")
             text += [
                 f"![trade-off front](figures/tradeoff-{slug}.png)",
                 f"![robust accuracy per attack](figures/attacks-{slug}.png)",

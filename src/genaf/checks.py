@@ -5,8 +5,15 @@ the run: the CLI prints a loud warning and reports flag it. The checks:
 
 - ``logits``: the model returns finite (N, classes) logits — not probabilities — and is
   deterministic in eval mode (two passes are bit-identical);
-- ``zero_perturbation``: applying an internal all-zero perturbation gives exactly the clean
-  predictions (the user-facing ε stays in (0, 1]);
+- ``perturbation_applied``: every evaluated perturbed batch equals an independent
+  ``clamp(x + clamp(δ, −ε, ε), 0, 1)`` (or the patch pasted by its mask; for per-sample DAEs:
+  the adversarial images handed over), stays in [0, 1] and within ε of the clean images, and
+  differs from them (a perturbation that was never applied cannot pass);
+- ``prediction_collapse``: the model does not answer (nearly) one class for every image: the
+  most frequent predicted class may cover at most ``max(0.5, 2 × the most frequent label's
+  share)`` of the test images (capped at 0.99);
+- ``surrogates_disjoint``: a perturbation crafted from images of the evaluated dataset used
+  none of the downstream train/validation images (its recorded surrogate indices);
 - ``pgd_loss_rises``: the white-box PGD loss is higher after its steps than at its start
   (a flat loss means the gradients are masked or zero);
 - ``eps_monotonic``: white-box robust accuracy over sampled ε (the same attack seed) does
@@ -54,17 +61,111 @@ def check_logits(model: nn.Module, x: torch.Tensor, n_classes: int | None = None
     return {"passed": not problems, "detail": "; ".join(problems) or "finite, deterministic logits"}
 
 
-def check_zero_perturbation(model: nn.Module, x: torch.Tensor, clean_pred: torch.Tensor) -> dict:
-    zero = Perturbation(delta=torch.zeros((1, *x.shape[1:])), eps=0.0, attack="zero")
-    with torch.no_grad():
-        pred = model(zero.apply(x)).argmax(1)
-    changed = int((pred != clean_pred.to(pred.device)).sum())
+def independent_perturbed(p: Perturbation, x: torch.Tensor) -> torch.Tensor:
+    """``p`` applied to ``x`` by a second, independent route (not ``Perturbation.apply``)."""
+    d = p.delta.to(device=x.device, dtype=x.dtype)
+    if tuple(d.shape[-2:]) != tuple(x.shape[-2:]):
+        d = torch.nn.functional.interpolate(d, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+    d = d.expand(x.shape[0], x.shape[1], -1, -1)
+    if p.kind == "additive":
+        return torch.minimum(torch.maximum(x + torch.minimum(torch.maximum(d, -_eps(p)), _eps(p)), zero(x)), one(x))
+    m = p.mask.to(device=x.device, dtype=x.dtype)
+    if tuple(m.shape[-2:]) != tuple(x.shape[-2:]):
+        m = torch.nn.functional.interpolate(m, size=tuple(x.shape[-2:]), mode="nearest")
+    m = m.expand_as(x)
+    return torch.where(m > 0.5, torch.minimum(torch.maximum(d, zero(x)), one(x)), x)
+
+
+def _eps(p: Perturbation) -> torch.Tensor:
+    return torch.tensor(float(p.eps))
+
+
+def zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def one(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones((), dtype=x.dtype, device=x.device)
+
+
+def check_perturbed_batch(
+    x: torch.Tensor, evaluated: torch.Tensor, eps: float | None, expected: torch.Tensor | None = None
+) -> dict:
+    """The batch a perturbation entry was evaluated on, against the clean batch ``x``: in [0,1],
+    within ``eps`` of ``x`` (None: a patch, not bounded), different from ``x``, and equal to
+    ``expected`` (an independent computation) when given."""
+    problems = []
+    if evaluated.shape != x.shape:
+        problems.append(f"evaluated batch is {tuple(evaluated.shape)}, clean batch {tuple(x.shape)}")
+    else:
+        diff = (evaluated - x).abs()
+        linf = float(diff.max())
+        if not bool(torch.isfinite(evaluated).all()):
+            problems.append("evaluated images hold NaN or inf")
+        if float(evaluated.min()) < 0 or float(evaluated.max()) > 1:
+            problems.append(
+                f"evaluated images leave [0,1] ({float(evaluated.min()):.4g}..{float(evaluated.max()):.4g})"
+            )
+        if eps is not None and linf > eps + 1e-5:
+            problems.append(f"evaluated images are {linf:.5f} from the clean ones in L∞, more than ε = {eps:.5f}")
+        if linf == 0.0:
+            problems.append("evaluated images equal the clean ones: the perturbation was not applied")
+        if expected is not None:
+            err = float((evaluated - expected.to(evaluated)).abs().max())
+            if err > 1e-5:
+                problems.append(f"evaluated images differ from an independent clamp(x + δ) by {err:.3g}")
     return {
-        "passed": changed == 0,
-        "changed": changed,
-        "detail": "zero perturbation keeps every clean prediction"
-        if changed == 0
-        else f"a zero perturbation changed {changed} of {len(x)} predictions",
+        "passed": not problems,
+        "detail": "; ".join(problems) or "applied, in [0,1] and within ε; matches an independent computation",
+    }
+
+
+def check_prediction_collapse(pred: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Fires when one predicted class covers more of the test set than the labels justify."""
+    pred, labels = pred.flatten().cpu(), labels.flatten().cpu()
+    n = max(len(pred), 1)
+    top_pred = int(torch.bincount(pred).max()) / n if len(pred) else 0.0
+    top_label = int(torch.bincount(labels).max()) / n if len(labels) else 0.0
+    limit = min(0.99, max(0.5, 2 * top_label))
+    cls = int(torch.bincount(pred).argmax()) if len(pred) else -1
+    ok = top_pred <= limit
+    return {
+        "passed": ok,
+        "top_class": cls,
+        "top_class_share": round(top_pred, 4),
+        "limit": round(limit, 4),
+        "detail": f"most frequent prediction (class {cls}) on {100 * top_pred:.1f}% of {n} images "
+        f"(limit {100 * limit:.0f}%)"
+        + ("" if ok else ": the model answers nearly one class; its accuracies mean little"),
+    }
+
+
+def check_surrogates_disjoint(perturbations: dict, dataset: str, split_indices: dict[str, torch.Tensor]) -> dict:
+    """Perturbations crafted from images of ``dataset`` must share no index with its
+    train/validation splits (``split_indices``: split name -> dataset indices)."""
+    rows, bad = {}, []
+    used = {k: set(v.tolist()) for k, v in split_indices.items()}
+    for name, p in perturbations.items():
+        rec = (getattr(p, "config", None) or {}).get("surrogate_data") or {}
+        if not rec or rec.get("dataset") != dataset or not rec.get("indices"):
+            rows[name] = {
+                "checked": False,
+                "surrogate_dataset": rec.get("dataset"),
+                "why": "other dataset or unrecorded",
+            }
+            continue
+        idx = set(int(i) for i in rec["indices"])
+        shared = {k: len(idx & v) for k, v in used.items()}
+        rows[name] = {"checked": True, "surrogate_dataset": dataset, "shared": shared}
+        if any(shared.values()):
+            bad.append(f"{name}: {', '.join(f'{v} {k}' for k, v in shared.items() if v)} image(s) shared")
+    return {
+        "passed": not bad,
+        "perturbations": rows,
+        "detail": "; ".join(bad) + " -- the attacker used the defender's own images"
+        if bad
+        else f"{sum(r['checked'] for r in rows.values())} perturbation(s) crafted from this dataset share no "
+        "train/val image",
     }
 
 
@@ -146,9 +247,6 @@ def run_checks(
 ) -> dict:
     """Every check on one batch of test images ``x`` (labels ``y``); the model is in eval mode."""
     out = {"n_images": int(len(x)), "logits": check_logits(model, x, n_classes)}
-    with torch.no_grad():
-        clean_pred = model(x).argmax(1)
-    out["zero_perturbation"] = check_zero_perturbation(model, x, clean_pred)
     if whitebox:
         out["pgd_loss_rises"] = check_pgd_loss_rises(model, x, y, whitebox, seed)
         base = float(whitebox["eps"])
@@ -162,5 +260,14 @@ def run_checks(
         if additive:
             transfer = {n: (float(p.eps), _acc(model, p.apply(x), y)) for n, p in additive.items()}
             out["whitebox_vs_transfer"] = check_whitebox_vs_transfer(curve, transfer, len(x))
-    out["failed"] = [k for k, v in out.items() if isinstance(v, dict) and v.get("passed") is False]
+    out["failed"] = failed_checks(out)
     return out
+
+
+def failed_checks(report: dict) -> list[str]:
+    """Names of the checks in ``report`` that did not pass (per-entry checks as ``name:entry``)."""
+    bad = [k for k, v in report.items() if isinstance(v, dict) and v.get("passed") is False]
+    for name, v in (report.get("perturbation_applied") or {}).items():
+        if isinstance(v, dict) and v.get("passed") is False:
+            bad.append(f"perturbation_applied:{name}")
+    return bad

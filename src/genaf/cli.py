@@ -28,6 +28,17 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-val", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
+    _reserve_arg(p)
+
+
+def _reserve_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--surrogate-reserve",
+        type=int,
+        default=None,
+        help="training images kept out of every downstream split for the attacker's surrogates "
+        "(default 10%% of the training split, at most 5000; give genaf finetune and genaf attack the same value)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,21 +96,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--surrogate",
         default="fashion-mnist",
-        help="dataset whose surrogate pool (training images outside train/val) is used",
+        help="dataset whose surrogate reserve is used: training images that no train/val split of any "
+        "genaf finetune on that dataset uses, for any seed (the test split is separate)",
     )
-    p.add_argument("--n-surrogate", type=int, default=2000)
+    p.add_argument(
+        "--n-surrogate",
+        type=int,
+        default=2000,
+        help="surrogate images used (exactly this many, or an error); default 2000",
+    )
     p.add_argument("--eps", required=True, help="L-inf budget in [0,1] pixel units, e.g. 16/255")
     p.add_argument("--preset", default="cpu", help="cpu or paper")
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="any attack option")
     p.add_argument("--out", required=True, help="perturbation file to write")
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--data-root", default=None, help="where the surrogate dataset's files live")
+    p.add_argument("--download", action="store_true", default=None, help="download the dataset if it is missing")
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--n-train", type=int, default=None, help="as genaf finetune (checked; the reserve does not move)")
+    p.add_argument("--n-val", type=int, default=None, help="as genaf finetune (checked; the reserve does not move)")
+    _reserve_arg(p)
     _common(p)
 
-    p = sub.add_parser("evaluate", help="evaluate a run against perturbation files (adds to metrics.json)")
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a run against universal perturbation files and per-sample DAEs (adds to metrics.json)",
+    )
     p.add_argument("--model", required=True, help="run directory")
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--perturbation", nargs="*", default=[], help="perturbation files")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="another dataset than the run's own (default: the run's); its results need --out FILE",
+    )
+    p.add_argument("--perturbation", nargs="*", default=[], help="universal perturbation files (genaf attack)")
+    p.add_argument(
+        "--attack",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="per-sample DAEs (ssp, embedding-pgd), crafted for every evaluated image on the run's original encoder",
+    )
+    p.add_argument("--preset", default="cpu", help="preset of the per-sample attacks: cpu (default) or paper")
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="options of the per-sample attacks")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "val"],
+        help="evaluate on the test split (default; metrics.json) or the validation split (its 'validation' section)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the results to this JSON file instead of the run's metrics.json (another dataset, "
+        "a read-only run directory)",
+    )
     p.add_argument("--whitebox", action="store_true", help="also run white-box FGSM and PGD on the model")
     p.add_argument(
         "--autoattack",
@@ -179,6 +228,7 @@ def cmd_finetune(a) -> int:
         "n_val": a.n_val,
         "n_test": a.n_test,
         "download": a.download,
+        "surrogate_reserve": a.surrogate_reserve,
     }
     from .config import resolve
 
@@ -213,7 +263,10 @@ def _warn_checks(m: dict) -> None:
 def _summary(m: dict) -> str:
     _warn_checks(m)
     ra = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.get("robust_acc", {}).items())
-    return f"clean accuracy {100 * m['clean_acc']:.1f}% on {m['n_test']} test images; robust accuracy: {ra}"
+    where = m.get("evaluated_on") or {}
+    split = {"val": "validation"}.get(where.get("split"), where.get("split") or "test")
+    ds = f" of {where['dataset']}" if where.get("dataset") else ""
+    return f"clean accuracy {100 * m['clean_acc']:.1f}% on {m['n_test']} {split} images{ds}; robust accuracy: {ra}"
 
 
 def cmd_attack(a) -> int:
@@ -224,11 +277,17 @@ def cmd_attack(a) -> int:
     eps = _eps(a.eps)
     out = Path(a.out)
     enc = api.load_encoder(a.encoder)
-    dm = load_dataset(a.surrogate, root=a.data_root, image_size=a.image_size or None, seed=a.seed or 0)
-    if len(dm.surrogate_pool):
-        sur, where = dm.surrogate(a.n_surrogate), "surrogate pool"
-    else:  # every training image is in train/val: the attacker's data is the training split
-        sur, where = dm.train.subset(a.n_surrogate), "training split"
+    dm = load_dataset(
+        a.surrogate,
+        root=a.data_root,
+        image_size=a.image_size or None,
+        n_train=a.n_train,
+        n_val=a.n_val,
+        seed=a.seed or 0,
+        download=bool(a.download),
+        surrogate_reserve=a.surrogate_reserve,
+    )
+    sur = dm.surrogate(a.n_surrogate)
     pert = api.craft(
         enc,
         a.attack,
@@ -237,7 +296,6 @@ def cmd_attack(a) -> int:
         preset=a.preset,
         seed=a.seed or 0,
         device=a.device or "auto",
-        surrogate_name=f"{a.surrogate} {where} ({len(sur)} images)",
         out=out,
         log=print,
         **parse_assignments(a.sets),
@@ -249,10 +307,31 @@ def cmd_attack(a) -> int:
     return 0
 
 
+def perturbation_names(paths: list[str]) -> dict[str, str]:
+    """Entry names for perturbation files: the file's stem, or ``folder/stem`` where two files
+    share a stem; the same file twice is an error."""
+    from .errors import ConfigError
+
+    resolved = [str(Path(p).resolve()) for p in paths]
+    if len(set(resolved)) != len(resolved):
+        dup = sorted({p for p in paths if resolved.count(str(Path(p).resolve())) > 1})
+        raise ConfigError(f"the same perturbation file is given twice: {', '.join(dup)}")
+    stems = [Path(p).stem for p in paths]
+    out = {}
+    for p, stem in zip(paths, stems):
+        name = stem if stems.count(stem) == 1 else f"{Path(p).resolve().parent.name}/{stem}"
+        if name in out:
+            name = str(Path(p).with_suffix(""))
+        out[name] = p
+    return out
+
+
 def cmd_evaluate(a) -> int:
     from . import api
+    from .config import parse_assignments
 
-    perts = {Path(p).stem: p for p in a.perturbation}
+    perts = perturbation_names(a.perturbation)
+    opts = parse_assignments(a.sets)
     m = api.evaluate(
         a.model,
         perts,
@@ -261,8 +340,16 @@ def cmd_evaluate(a) -> int:
         whitebox=a.whitebox,
         autoattack=a.autoattack,
         resize=a.resize,
+        per_sample={name: dict(opts) for name in a.attack},
+        preset=a.preset,
+        split=a.split,
+        out=a.out,
     )
+    if a.split == "val":
+        m = {**m["validation"], "n_test": m["validation"].get("n_val")}
     print(_summary(m))
+    if a.out:
+        print(f"results written to {a.out}")
     return 0
 
 

@@ -16,7 +16,15 @@ DEFAULTS: dict[str, Any] = {
     "method": "genaf",
     "seed": 0,
     "head": "mlp",
-    "data": {"root": None, "image_size": None, "n_train": None, "n_val": None, "n_test": None, "download": False},
+    "data": {
+        "root": None,
+        "image_size": None,
+        "n_train": None,
+        "n_val": None,
+        "n_test": None,
+        "download": False,
+        "surrogate_reserve": None,
+    },
     "method_config": {},
     "train": {},
     "eval": {

@@ -13,7 +13,6 @@ Protocol (fixed, not tuned to the result):
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -54,6 +53,42 @@ SETTINGS = {
 }
 ATTACKS = ("l4a-base", "ssp-universal", "uniform-noise")
 METHODS = ("sft", "at", "genaf")
+# SFT and AT again at Gen-AF's total budget (head warm-up + stage 1 + stage 2 epochs), so that a
+# gain that is only more training shows.
+CONTROLS = ("sft-budget", "at-budget")
+
+
+def genaf_epochs(s: dict) -> int:
+    """Gen-AF's total epochs in a demo setting: the head warm-up (1) + stage 1 + stage 2."""
+    from .methods.genaf import GENAF_DEFAULTS
+
+    return int(GENAF_DEFAULTS["warmup_epochs"]) + s["epochs"] + s["stage2_epochs"]
+
+
+def method_plan(s: dict) -> dict[str, tuple[str, dict]]:
+    """Run label -> (method, options) of the demo, controls included."""
+    from .methods.genaf import STAGE1_DEFAULTS
+
+    total = genaf_epochs(s)
+    plan = {
+        "sft": ("sft", {"epochs": s["epochs"]}),
+        "at": ("at", {"epochs": s["epochs"], "attack_steps": s["attack_steps"]}),
+        "genaf": (
+            "genaf",
+            {
+                "epochs": s["epochs"],
+                "attack_steps": s["attack_steps"],
+                "stage2_epochs": s["stage2_epochs"],
+                "probe_size": s["probe_size"],
+            },
+        ),
+        "sft-budget": ("sft", {"epochs": total}),
+        "at-budget": (
+            "at",
+            {"epochs": total - int(STAGE1_DEFAULTS["warmup_epochs"]), "attack_steps": s["attack_steps"]},
+        ),
+    }
+    return plan
 
 
 def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "auto", seed: int = 0, log=print) -> dict:
@@ -65,7 +100,7 @@ def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "a
     data = load_dataset("fashion-mnist", n_train=s["n_train"], n_val=s["n_val"], n_test=s["n_test"], seed=seed)
     enc = load_encoder("demo")
     sur = data.surrogate(s["n_surrogate"])
-    sur_name = f"fashion-mnist training images outside train/val ({len(sur)})"
+    sur_name = f"the fashion-mnist surrogate reserve ({len(sur)} training images in no downstream split)"
     log(
         f"demo: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images; "
         f"{len(sur)} disjoint surrogate images; DAE eps = 16/255"
@@ -78,39 +113,43 @@ def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "a
     )
     perts = craft_demo_perturbations(enc, data, s, out / "perturbations", dev, seed, quick, log)
     results = {}
-    for method in METHODS:
-        run = out / method
-        if (run / "metrics.json").is_file() and all(
-            a in json.loads((run / "metrics.json").read_text())["robust_acc"] for a in ATTACKS
-        ):
-            results[method] = json.loads((run / "metrics.json").read_text())
-            continue
-        log(f"--- {method} ---")
-        mc = {"epochs": s["epochs"]}
-        if method != "sft":
-            mc["attack_steps"] = s["attack_steps"]
-        if method == "genaf":
-            mc.update(stage2_epochs=s["stage2_epochs"], probe_size=s["probe_size"])
-        resume = (run / "checkpoint.pt").is_file()
-        finetune(
-            "demo",
-            "fashion-mnist",
-            method,
-            run,
-            method_config=mc,
-            seed=seed,
-            resume=resume,
-            train={
-                "batch_size": s["batch_size"],
-                "n_val_robust": s["n_val_robust"],
-                "device": str(dev),
-                "val_steps": s["attack_steps"],
-            },
-            data={"n_train": s["n_train"], "n_val": s["n_val"], "n_test": s["n_test"]},
-            datamodule=data,
-            log=log,
-        )
-        results[method] = evaluate(run, perts, datamodule=data, device=str(dev))
+    for label, (method, mc) in method_plan(s).items():
+        run = out / label
+        if (run / "config.yaml").is_file():
+            import yaml
+
+            old = yaml.safe_load((run / "config.yaml").read_text()) or {}
+            recorded = {"method": old.get("method"), "seed": old.get("seed")}
+            recorded.update({k: (old.get("method_config") or {}).get(k) for k in mc})
+            if recorded != {"method": method, "seed": seed, **mc}:
+                from .errors import ConfigError
+
+                raise ConfigError(
+                    f"{run} holds a run made with other settings ({old.get('method')}, seed {old.get('seed')}); "
+                    "choose another --out for this demo or delete that folder"
+                )
+        log(f"--- {label} ({method}, {mc}) ---")
+        if not (run / "metrics.json").is_file():
+            resume = (run / "checkpoint.pt").is_file()
+            finetune(
+                "demo",
+                "fashion-mnist",
+                method,
+                run,
+                method_config=mc,
+                seed=seed,
+                resume=resume,
+                train={
+                    "batch_size": s["batch_size"],
+                    "n_val_robust": s["n_val_robust"],
+                    "device": str(dev),
+                    "val_steps": s["attack_steps"],
+                },
+                data={"n_train": s["n_train"], "n_val": s["n_val"], "n_test": s["n_test"]},
+                datamodule=data,
+                log=log,
+            )
+        results[label] = evaluate(run, perts, datamodule=data, device=str(dev))
     order = ["l4a-base", "ssp-universal", "uniform-noise", "pgd10-wb"]
     table = demo_table(results, order)
     seconds = time.time() - t0
@@ -123,6 +162,10 @@ def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "a
         "uniform-noise is the random control of the same ε. pgd10-wb: white-box PGD-10 at ε = 8/255 on each "
         "fine-tuned model (stronger than the threat model).",
         "Training PGD: ε = 8/255, step 2/255. Accuracies in percent; weight drift = ‖θ−θ0‖/‖θ0‖ of the encoder.",
+        f"Budget: `sft-budget` and `at-budget` are SFT and AT trained for Gen-AF's total {genaf_epochs(s)} epochs "
+        "(head warm-up + stage 1 + stage 2), a control for a gain that is only more training; `epochs` and "
+        "`passes/img` (encoder forward or forward+backward passes per training image, attack steps included) "
+        "give each run's training budget.",
         "",
         f"Encoder quality on this split (test accuracy of a k-NN (k=20) / linear probe on frozen features, "
         f"trained on the {len(data.train)} training images): pre-trained {100 * quality['knn_acc']:.1f} / "
@@ -152,18 +195,25 @@ def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "a
 
 def craft_demo_perturbations(enc, data, s: dict, folder: Path, dev, seed: int, quick: bool, log=print) -> dict:
     """Craft (or reload) the demo's DAEs on the original encoder from the disjoint surrogate pool."""
+    from .api import stale_reasons
     from .attacks import Perturbation
     from .visualize import save_perturbation_images
 
     sur = data.surrogate(s["n_surrogate"])
-    sur_name = f"fashion-mnist training images outside train/val ({len(sur)})"
+    sur_name = f"fashion-mnist surrogate reserve ({len(sur)} images, in no downstream split)"
     perts = {}
     for name in ATTACKS:
         path = folder / f"{name}.safetensors"
-        if path.is_file():
-            perts[name] = Perturbation.load(path)
-            continue
         cfg = {"iterations": 2 * s["n_surrogate"] // 64} if quick and name != "uniform-noise" else {}
+        if path.is_file():
+            cached = Perturbation.load(path)
+            why = stale_reasons(
+                cached, attack=name, eps=DAE_EPS, seed=seed, preset="cpu", options=cfg, encoder=enc, surrogate=sur
+            )
+            if not why:
+                perts[name] = cached
+                continue
+            log(f"demo: {path} was made with other settings ({'; '.join(why)}): crafting it again")
         perts[name] = craft(
             enc,
             name,

@@ -19,18 +19,31 @@ def demo_table(results: dict[str, dict], attack_order: list[str] | None = None) 
                 attacks.append(a)
     if attack_order:
         attacks = [a for a in attack_order if a in attacks] + [a for a in attacks if a not in attack_order]
-    head = "| method | clean acc | " + " | ".join(f"RA {a}" for a in attacks) + " | weight drift | checks |"
-    sep = "|" + "---|" * (len(attacks) + 4)
+    head = (
+        "| method | clean acc | "
+        + " | ".join(f"RA {a}" for a in attacks)
+        + " | weight drift | epochs | passes/img | checks |"
+    )
+    sep = "|" + "---|" * (len(attacks) + 6)
     rows = [head, sep]
     for name, m in results.items():
         ra = m.get("robust_acc", {})
         drift = m.get("weight_drift")
+        epochs, passes = budget_cells(m)
         rows.append(
             f"| {name} | {_pct(m['clean_acc'])} | "
             + " | ".join(_pct(ra.get(a)) for a in attacks)
-            + f" | {'—' if drift is None else f'{drift:.3f}'} | {checks_flag(m)} |"
+            + f" | {'—' if drift is None else f'{drift:.3f}'} | {epochs} | {passes} | {checks_flag(m)} |"
         )
     return "\n".join(rows)
+
+
+def budget_cells(m: dict) -> tuple[str, str]:
+    """(total epochs, encoder passes per training image during training) of a run's metrics."""
+    b = m.get("budget") or {}
+    passes = (b.get("encoder_passes_per_train_image") or {}).get("train") or {}
+    epochs = "—" if b.get("total_epochs") is None else str(b["total_epochs"])
+    return epochs, (f"{sum(passes.values()):.1f}" if passes else "—")
 
 
 def checks_flag(m: dict) -> str:

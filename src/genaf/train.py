@@ -117,6 +117,48 @@ def _make_optimizer(group: ParamGroup):
     return opt, sched
 
 
+class PassCounter:
+    """Counts the images that pass through the encoder(s) during a fit, by phase (``train``:
+    steps, attacks, stage setups; ``selection``: validation) and by kind (``forward`` without
+    autograd, ``forward_backward`` with it: the training forwards and every attack step).
+
+    The counts live in ``artifacts['passes']`` (checkpointed, so a resumed run keeps counting)
+    and give each method's training budget in encoder passes per training image. They are not
+    taken under ``torch.compile`` (a hook with side effects would break the graph)."""
+
+    def __init__(self, artifacts: dict) -> None:
+        self.counts = artifacts.setdefault(
+            "passes",
+            {ph: {"forward": 0, "forward_backward": 0} for ph in ("train", "selection")},
+        )
+        self.phase = "train"
+        self.handles: list = []
+
+    def attach(self, *modules: nn.Module) -> None:
+        for m in modules:
+            if m is not None:
+                self.handles.append(m.register_forward_hook(self._hook))
+
+    def _hook(self, module, inputs, output) -> None:
+        x = inputs[0] if inputs else None
+        if torch.is_tensor(x):
+            kind = "forward_backward" if torch.is_grad_enabled() else "forward"
+            self.counts[self.phase][kind] += int(x.shape[0])
+
+    @contextlib.contextmanager
+    def selection(self):
+        before, self.phase = self.phase, "selection"
+        try:
+            yield
+        finally:
+            self.phase = before
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 class Trainer:
     """Runs a method's stages on a model and data; writes checkpoints into ``run_dir``."""
 
@@ -138,6 +180,7 @@ class Trainer:
         self.history: list[dict] = []
         self.artifacts: dict = {}
         self._interrupted = False
+        self.counter: PassCounter | None = None
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -155,20 +198,22 @@ class Trainer:
         model = model or self.model
         was = [(m, m.training) for m in model.modules()]
         model.eval()
-        try:
-            out = {"val_clean": self._accuracy(self.data.val.batches(self.cfg.eval_batch_size, device=self.device))}
-            if robust and self.cfg.n_val_robust > 0:
-                sub = self.data.val.subset(self.cfg.n_val_robust)
-                gen = generator(self.cfg.seed, "val:pgd")
-                correct = 0
-                for x, y, _ in sub.batches(self.cfg.eval_batch_size, device=self.device):
-                    xa = pgd(model, x, y, self.cfg.val_eps, self.cfg.val_step, self.cfg.val_steps, gen=gen)
-                    with torch.no_grad():
-                        correct += int((model(xa).argmax(1) == y).sum())
-                out["val_robust"] = correct / len(sub)
-        finally:
-            for m, t in was:
-                m.train(t)
+        counting = self.counter.selection() if self.counter is not None else contextlib.nullcontext()
+        with counting:
+            try:
+                out = {"val_clean": self._accuracy(self.data.val.batches(self.cfg.eval_batch_size, device=self.device))}
+                if robust and self.cfg.n_val_robust > 0:
+                    sub = self.data.val.subset(self.cfg.n_val_robust)
+                    gen = generator(self.cfg.seed, "val:pgd")
+                    correct = 0
+                    for x, y, _ in sub.batches(self.cfg.eval_batch_size, device=self.device):
+                        xa = pgd(model, x, y, self.cfg.val_eps, self.cfg.val_step, self.cfg.val_steps, gen=gen)
+                        with torch.no_grad():
+                            correct += int((model(xa).argmax(1) == y).sum())
+                    out["val_robust"] = correct / len(sub)
+            finally:
+                for m, t in was:
+                    m.train(t)
         return out
 
     @staticmethod
@@ -247,6 +292,9 @@ class Trainer:
                 k: v.detach().cpu().clone() for k, v in reference.state_dict().items()
             }
         ctx.artifacts = self.artifacts
+        if cfg.compile == "none":
+            self.counter = PassCounter(self.artifacts)
+            self.counter.attach(self.model.encoder, reference)
         old_handler = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, self._on_sigint)
         try:
@@ -256,7 +304,32 @@ class Trainer:
             self._save(len(self.stages), 0, [], [], None)
         finally:
             signal.signal(signal.SIGINT, old_handler)
+            if self.counter is not None:
+                self.counter.detach()
         return self.artifacts
+
+    def budget(self) -> dict:
+        """The training budget this fit spent: epochs per stage (planned and run) and encoder
+        passes per training image (``PassCounter``)."""
+        run: dict[str, int] = {}
+        for row in self.history:
+            run[row["stage"]] = run.get(row["stage"], 0) + 1
+        planned = {st.name: int(st.epochs) for st in self.stages}
+        n = max(len(self.data.train), 1)
+        out = {
+            "epochs_planned": planned,
+            "epochs_run": {k: run.get(k, 0) for k in planned},
+            "total_epochs": sum(run.get(k, 0) for k in planned),
+            "train_images": len(self.data.train),
+        }
+        passes = self.artifacts.get("passes")
+        if passes and self.cfg.compile == "none":
+            out["encoder_passes_per_train_image"] = {
+                ph: {k: round(v / n, 2) for k, v in kinds.items()} for ph, kinds in passes.items()
+            }
+        else:
+            out["encoder_passes_per_train_image"] = None  # not counted under torch.compile
+        return out
 
     def _on_sigint(self, signum, frame):
         self._interrupted = True

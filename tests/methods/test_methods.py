@@ -56,6 +56,7 @@ def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data):
         stage2_epochs=1,
         probe_size=32,
         sensitivity_steps=2,
+        sensitivity_fraction=1.0,
         evolution=False,
         stage2_k=3,
     )
@@ -65,6 +66,11 @@ def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data):
     sens = json.loads((out / "sensitivity.json").read_text())
     selected = sens["selected"]
     assert len(selected) == 3 and len(sens["sensitivity"]) == 23  # 20 convs + 3 head linears
+    # the saved dictionary holds the values of the definition, recomputed here independently
+    expected = _naive_sensitivity(before, tiny_data, probe_size=32, steps=2, eta=sens["eta"])
+    assert set(expected) == set(sens["sensitivity"])
+    for name, rho in expected.items():
+        assert sens["sensitivity"][name] == pytest.approx(rho, rel=1e-2, abs=1e-5), name  # float32 sums
     # the selected layers are the 3 with the lowest robust sensitivity
     ranked = sorted(sens["sensitivity"], key=lambda k: sens["sensitivity"][k])
     assert set(selected) == set(ranked[:3])
@@ -77,6 +83,65 @@ def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data):
             assert torch.equal(v, before[k]), f"{k} changed in stage 2 but is not selected"
     bn_buffers = [k for k in after if "running_" in k or "num_batches_tracked" in k]
     assert bn_buffers and all(torch.equal(after[k], before[k]) for k in bn_buffers)
+
+
+def _naive_sensitivity(state, data, probe_size, steps, eta, step_size=0.5, seed=0):
+    """ρ of every Conv2d/Linear weight by the definition, one layer at a time, written without
+    genaf's shared first step: the stage's own probe recipe (PGD with the run's K, ε, step and
+    random start on the first ``probe_size`` validation images); then
+    ``steps`` normalised ascent steps of ``step_size``·η‖W‖ on that layer alone, projected onto
+    ‖ΔW‖ ≤ η‖W‖ after each, the largest whole-probe loss seen minus the unperturbed one."""
+    import torch.nn.functional as F
+
+    from genaf.attacks.whitebox import pgd
+    from genaf.encoders import load_encoder
+    from genaf.methods.genaf import GENAF_DEFAULTS
+    from genaf.utils import generator
+
+    model = DownstreamModel(load_encoder("random:demo"), data.num_classes)
+    model.load_state_dict(state)
+    model.eval()
+    val = data.val.subset(probe_size)
+    xs, ys = val.float_images(), val.labels
+    c = GENAF_DEFAULTS
+    step = c["fast_step_factor"] * c["eps"]  # the run uses K = 1 (fast mode): FGSM-RS probe
+    xa = pgd(model, xs, ys, c["eps"], step, 1, random_start=True, gen=generator(seed, "stage2:probe"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def loss_of():
+        with torch.no_grad():
+            return float(F.cross_entropy(model(xa), ys))
+
+    base = loss_of()
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+        w = mod.weight
+        w0 = w.detach().clone()
+        radius = eta * float(w0.norm())
+        d = torch.zeros_like(w0)
+        best = base
+        for k in range(steps):
+            with torch.no_grad():
+                w.copy_(w0 + d)
+            w.requires_grad_(True)
+            loss = F.cross_entropy(model(xa), ys)
+            (g,) = torch.autograd.grad(loss, w)
+            w.requires_grad_(False)
+            if k > 0:
+                best = max(best, float(loss.detach()))
+            d = d + step_size * radius * g / g.norm()
+            if float(d.norm()) > radius:
+                d = d * (radius / float(d.norm()))
+        with torch.no_grad():
+            w.copy_(w0 + d)
+        best = max(best, loss_of())
+        with torch.no_grad():
+            w.copy_(w0)
+        out[name] = best - base
+    return out
 
 
 def test_attack_leaves_no_parameter_gradient(tiny_data, tiny_encoder):

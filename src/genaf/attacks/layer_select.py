@@ -71,7 +71,7 @@ def split_surrogate(data: ImageSet) -> tuple[ImageSet, ImageSet]:
     cut = n - k
 
     def part(sl: slice) -> ImageSet:
-        return ImageSet(data.images[sl], data.labels[sl], data.indices[sl], data.split)
+        return ImageSet(data.images[sl], data.labels[sl], data.indices[sl], data.split, data.dataset)
 
     return part(slice(0, cut)), part(slice(cut, n))
 

@@ -51,19 +51,23 @@ def _find(root: Path, stem: str) -> Path | None:
     return None
 
 
-def candidate_roots(root: str | os.PathLike | None) -> list[Path]:
-    roots = []
+def candidate_roots(root: str | os.PathLike | None) -> tuple[list[Path], str]:
+    """Where to look, and who asked: an explicit ``root`` is the only place looked at (and its
+    ``fashion-mnist/`` sub-folder); else ``$GENAF_FASHION_MNIST`` alone; else the Debian folder.
+    A place that was asked for and does not hold the files is an error, never a fallback."""
     if root:
-        roots += [Path(root), Path(root) / "fashion-mnist"]
-    if os.environ.get("GENAF_FASHION_MNIST"):
-        roots.append(Path(os.environ["GENAF_FASHION_MNIST"]))
-    roots.append(DEBIAN_ROOT)
-    return roots
+        return [Path(root).expanduser(), Path(root).expanduser() / "fashion-mnist"], f"--data-root {root}"
+    env = os.environ.get("GENAF_FASHION_MNIST")
+    if env:
+        return [Path(env).expanduser()], f"GENAF_FASHION_MNIST={env}"
+    return [DEBIAN_ROOT], ""
 
 
 def load_fashion_mnist(root: str | os.PathLike | None = None, download: bool = False):
-    """Return (train_x, train_y, test_x, test_y, classes); images uint8 (N, 1, 28, 28)."""
-    for r in candidate_roots(root):
+    """Return (train_x, train_y, test_x, test_y, classes, source); images uint8 (N, 1, 28, 28);
+    ``source`` is the folder the files were read from."""
+    roots, asked = candidate_roots(root)
+    for r in roots:
         paths = {split: [_find(r, stem) for stem in stems] for split, stems in FILES.items()}
         if all(p is not None for ps in paths.values() for p in ps):
             out = []
@@ -73,7 +77,7 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, download: bool = F
                 if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
                     raise DataError(f"Fashion-MNIST {split} files in {r} have inconsistent shapes {x.shape}, {y.shape}")
                 out += [torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))]
-            return out[0], out[1], out[2], out[3], list(CLASSES)
+            return out[0], out[1], out[2], out[3], list(CLASSES), str(paths["train"][0].parent.resolve())
     if download:
         from torchvision.datasets import FashionMNIST
 
@@ -84,7 +88,12 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, download: bool = F
         except Exception as exc:
             raise DataError(f"downloading Fashion-MNIST into {target} failed: {exc}") from exc
         return load_fashion_mnist(target, download=False)
-    tried = ", ".join(str(r) for r in candidate_roots(root))
+    tried = ", ".join(str(r) for r in roots)
+    if asked:
+        raise DataError(
+            f"{asked} was asked for but holds no Fashion-MNIST IDX files (looked in {tried}; "
+            "expected train-images-idx3-ubyte[.gz] and the three others); point it at the folder that holds them"
+        )
     raise DataError(
         f"Fashion-MNIST IDX files not found (looked in {tried}); install them with "
         "'apt-get install -y dataset-fashion-mnist', pass --data-root DIR, or add --download"

@@ -49,12 +49,14 @@ DATASETS: dict[str, RawLoader] = {
 
 @dataclass
 class ImageSet:
-    """Images as uint8 (N, 3, H, W), integer labels, and their index in the source split."""
+    """Images as uint8 (N, 3, H, W), integer labels, their index in the source split, the
+    split's name (``train``, ``val``, ``test`` or ``surrogate``: the reserve) and the dataset."""
 
     images: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
     split: str = "train"
+    dataset: str = ""
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -71,10 +73,12 @@ class ImageSet:
         """The first ``n`` items (they are already in a seeded random order)."""
         if n is None or n >= len(self):
             return self
-        return ImageSet(self.images[:n], self.labels[:n], self.indices[:n], self.split)
+        return ImageSet(self.images[:n], self.labels[:n], self.indices[:n], self.split, self.dataset)
 
     def to(self, device: torch.device | str) -> ImageSet:
-        return ImageSet(self.images.to(device), self.labels.to(device), self.indices.to(device), self.split)
+        return ImageSet(
+            self.images.to(device), self.labels.to(device), self.indices.to(device), self.split, self.dataset
+        )
 
     def float_images(self) -> torch.Tensor:
         return self.images.float().div_(255.0)
@@ -124,17 +128,36 @@ class DataModule:
         return len(self.classes)
 
     def surrogate(self, n: int | None = None) -> ImageSet:
-        """Training-split images used by neither train nor val (disjoint from test too)."""
-        if len(self.surrogate_pool) == 0:
-            raise DataError(f"dataset {self.name} has no images left for a surrogate pool; lower n_train/n_val")
-        return self.surrogate_pool.subset(n)
+        """The first ``n`` images of the surrogate reserve: training images that no train or
+        validation split of this dataset uses, for any seed (the test split is separate).
+        Exactly ``n`` images, or a DataError that says how many there are and what to do."""
+        have = len(self.surrogate_pool)
+        if n is None:
+            n = have
+        if int(n) <= 0:
+            raise ConfigError(f"the number of surrogate images must be positive, got {n}")
+        if have == 0 or int(n) > have:
+            raise DataError(
+                f"{n} surrogate images were asked for but the surrogate reserve of {self.name} holds {have} "
+                f"(training images no downstream split uses); ask for at most {have} (--n-surrogate), enlarge the "
+                "reserve (--surrogate-reserve N, then give genaf finetune the same value), or draw the surrogates "
+                "from another dataset"
+            )
+        return self.surrogate_pool.subset(int(n))
+
+
+def _select(x, idx: torch.Tensor):
+    """Raw images ``x`` (a uint8 tensor or a list of per-image tensors) at indices ``idx``."""
+    if isinstance(x, list):
+        return [x[int(i)] for i in idx]
+    return x[idx]
 
 
 def _to_uint8_nchw(x, image_size: int | None, what: str) -> torch.Tensor:
     """Stack/resize raw images to uint8 (N, 3, S, S)."""
     if isinstance(x, list):
         if not x:
-            raise DataError(f"{what} is empty")
+            return torch.zeros((0, 3, image_size or 1, image_size or 1), dtype=torch.uint8)
         if image_size is None:
             sizes = {tuple(t.shape[-2:]) for t in x}
             if len(sizes) > 1:
@@ -146,7 +169,7 @@ def _to_uint8_nchw(x, image_size: int | None, what: str) -> torch.Tensor:
         raise DataError(f"{what}: raw images must be uint8, got {x.dtype}")
     if x.shape[1] not in (1, 3):
         raise DataError(f"{what}: images have {x.shape[1]} channels; expected 1 (grayscale) or 3 (RGB)")
-    if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
+    if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size) and len(x):
         x = torch.cat([_resize(x[i : i + 4096], image_size) for i in range(0, len(x), 4096)])
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -160,6 +183,34 @@ def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
+# The surrogate reserve: training images that no downstream split of the dataset ever uses,
+# whatever the seed, n_train or n_val. It is drawn by a permutation that depends only on the
+# number of training images (not on the seed), so `genaf attack` and `genaf finetune` agree on
+# it without sharing a seed; a surrogate set of n images is always the first n of the reserve's
+# order, so it is the same for any reserve size that holds it.
+RESERVE_CAP = 5000
+RESERVE_FRACTION = 0.1
+# Fewer validation images than this makes every selection decision noisy: a warning says so.
+MIN_VAL_IMAGES = 100
+
+
+def default_reserve(n: int) -> int:
+    """The default surrogate reserve of a training split of ``n`` images: 10 %, at most 5,000."""
+    return min(RESERVE_CAP, int(RESERVE_FRACTION * n))
+
+
+def reserve_order(n: int) -> torch.Tensor:
+    """The seed-independent order of the ``n`` training indices; the reserve is its prefix."""
+    return torch.randperm(n, generator=generator(0, f"surrogate-reserve:{n}"))
+
+
+def index_digest(idx: torch.Tensor) -> str:
+    """A short sha256 of a list of dataset indices (recorded so that splits can be compared)."""
+    import hashlib
+
+    return hashlib.sha256(idx.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
+
+
 def load_dataset(
     spec: str,
     root: str | None = None,
@@ -170,17 +221,26 @@ def load_dataset(
     n_test: int | None = None,
     seed: int = 0,
     download: bool = False,
+    surrogate_reserve: int | None = None,
 ) -> DataModule:
     """Load a downstream dataset with a seeded validation split carved from its training data.
 
+    The training images are split three ways:
+
+    - the *surrogate reserve* (``surrogate_reserve`` images, default 10 %, at most 5,000), drawn
+      independently of ``seed``: the attacker's images, in no downstream split of any seed;
+    - the validation split (``n_val``, default ``val_fraction`` of the rest) and the training
+      split (``n_train``, default all that remains), drawn from the rest with ``seed``.
+
     Args:
         spec: dataset name or ``imagefolder:PATH``.
-        root: where torchvision datasets live (``--data-root``).
-        image_size: resize every image to this square side (None keeps the native size).
-        n_train, n_val: sizes of the train and validation splits (None: all remaining /
-            ``val_fraction`` of the training data). Remaining images form the surrogate pool.
+        root: where the dataset's files live (``--data-root``); a root that does not hold them
+            is an error, never a fallback to another place.
+        image_size: resize every image to this square side (None keeps the native size); only
+            the images of the splits are resized.
         n_test: a seeded subset of the test split (None: all of it).
         seed: the split seed.
+        surrogate_reserve: the reserve size (None: the default above; 0: none).
     """
     if not isinstance(spec, str) or not spec:
         raise unknown("dataset", str(spec), list(DATASETS) + ["imagefolder:PATH"])
@@ -196,12 +256,13 @@ def load_dataset(
         name = spec
     else:
         raise unknown("dataset", spec, list(DATASETS) + ["imagefolder:PATH"])
-    train_x, train_y, test_x, test_y, classes = raw
+    train_x, train_y, test_x, test_y, classes = raw[:5]
+    source = raw[5] if len(raw) > 5 else None
     for v, what in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
         if v is not None and int(v) <= 0:
             raise ConfigError(f"{what} must be positive, got {v}")
-    train_x = _to_uint8_nchw(train_x, image_size, f"{name} train split")
-    test_x = _to_uint8_nchw(test_x, image_size, f"{name} test split")
+    if surrogate_reserve is not None and int(surrogate_reserve) < 0:
+        raise ConfigError(f"surrogate_reserve must be >= 0, got {surrogate_reserve}")
     train_y = torch.as_tensor(train_y, dtype=torch.long)
     test_y = torch.as_tensor(test_y, dtype=torch.long)
     nc = len(classes)
@@ -211,12 +272,21 @@ def load_dataset(
         if int(y.min()) < 0 or int(y.max()) >= nc:
             raise DataError(f"{name} {what} labels span [{int(y.min())}, {int(y.max())}] but there are {nc} classes")
     n = len(train_y)
-    nv = int(n_val) if n_val is not None else max(1, int(round(val_fraction * n)))
-    nt = int(n_train) if n_train is not None else n - nv
-    if nv + nt > n:
-        raise ConfigError(f"{name} has {n} training images; n_train={nt} + n_val={nv} is too many")
-    perm = torch.randperm(n, generator=generator(seed, f"split:{name}"))
-    val_idx, train_idx, pool_idx = perm[:nv], perm[nv : nv + nt], perm[nv + nt :]
+    nr = default_reserve(n) if surrogate_reserve is None else int(surrogate_reserve)
+    if nr >= n:
+        raise ConfigError(f"{name} has {n} training images; a surrogate reserve of {nr} leaves none to train on")
+    order = reserve_order(n)
+    reserve_idx, rest = order[:nr], order[nr:]
+    m = len(rest)
+    nv = int(n_val) if n_val is not None else max(1, int(round(val_fraction * m)))
+    nt = int(n_train) if n_train is not None else m - nv
+    if nv + nt > m:
+        raise ConfigError(
+            f"{name} has {n} training images, {nr} of them in the surrogate reserve; n_train={nt} + n_val={nv} "
+            f"is more than the {m} left (lower them, or lower the reserve with surrogate_reserve)"
+        )
+    perm = rest[torch.randperm(m, generator=generator(seed, f"split:{name}"))]
+    val_idx, train_idx = perm[:nv], perm[nv : nv + nt]
     test_perm = torch.randperm(len(test_y), generator=generator(seed, f"test:{name}"))
     if n_test is not None and n_test < len(test_y):
         test_idx = test_perm[: int(n_test)].sort().values
@@ -224,16 +294,42 @@ def load_dataset(
         test_idx = torch.arange(len(test_y))
 
     def mk(x, y, idx, split):
-        return ImageSet(x[idx], y[idx], idx.clone(), split)
+        images = _to_uint8_nchw(_select(x, idx), image_size, f"{name} {split} split")
+        return ImageSet(images, y[idx], idx.clone(), split, name)
 
-    size = int(train_x.shape[-1])
+    train, val = mk(train_x, train_y, train_idx, "train"), mk(train_x, train_y, val_idx, "val")
+    test = mk(test_x, test_y, test_idx, "test")
+    pool = mk(train_x, train_y, reserve_idx, "surrogate")
+    size = int(train.images.shape[-1])
     return DataModule(
         name=name,
         classes=list(classes),
-        train=mk(train_x, train_y, train_idx, "train"),
-        val=mk(train_x, train_y, val_idx, "val"),
-        test=mk(test_x, test_y, test_idx, "test"),
-        surrogate_pool=mk(train_x, train_y, pool_idx, "surrogate"),
+        train=train,
+        val=val,
+        test=test,
+        surrogate_pool=pool,
         image_size=size,
-        info={"spec": spec, "seed": seed, "n_train": nt, "n_val": nv, "n_test": len(test_idx), "image_size": size},
+        info={
+            "spec": spec,
+            "seed": seed,
+            "source": source,
+            "n_train": nt,
+            "n_val": nv,
+            "n_test": len(test_idx),
+            "image_size": size,
+            "surrogate_reserve": nr,
+            "train_indices_sha256": index_digest(train_idx),
+            "val_indices_sha256": index_digest(val_idx),
+            "test_indices_sha256": index_digest(test_idx),
+        },
+    )
+
+
+def small_split_warning(what: str, n: int, minimum: int = MIN_VAL_IMAGES, flag: str = "--n-val") -> str | None:
+    """A warning when a split that decisions are made on is too small to decide anything."""
+    if n >= minimum:
+        return None
+    return (
+        f"WARNING: the {what} holds only {n} images; every choice made on it is noisy "
+        f"(one image is {100 / max(n, 1):.1f} points). Use at least {minimum} ({flag})."
     )

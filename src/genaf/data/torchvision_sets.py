@@ -105,7 +105,7 @@ def load_torchvision_raw(name: str, root: str | os.PathLike | None = None, downl
     where = default_root(root)
     pretty = _PRETTY[name]
     try:
-        return _LOADERS[name](str(where), bool(download))
+        return (*_LOADERS[name](str(where), bool(download)), str(where.resolve()))
     except DataError:
         raise
     except Exception as exc:

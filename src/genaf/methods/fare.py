@@ -18,6 +18,11 @@ common sign-PGD so every method faces the same threat model. There is no head wa
 (stage A never uses the head; stage B trains it), and stage A keeps its last epoch (the head
 is untrained there, so validation accuracy cannot select an epoch); stage B selects on
 validation clean accuracy like ``lp``.
+
+Fast mode (``attack_steps = 1``, FGSM-RS) runs **without** the catastrophic-overfitting guard of
+the supervised stages: that guard measures cross-entropy PGD accuracy through the head, which
+stage A never trains, so it would judge a random head. ``guard`` is therefore off for FARE and
+asking for it is an error.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ class FareStage(Stage1):
         super().__init__(cfg, epochs, name=name)
         self.select = "last"
 
+    def end_epoch(self, model, ctx, val: dict, val_attack: dict | None = None) -> dict:
+        """No guard (module docstring): the head is untrained during this stage."""
+        return {}
+
     def param_groups(self, model):
         c = self.cfg
         return [ParamGroup("encoder", encoder_params(model), c["encoder_lr"], c["weight_decay"], c["gamma"])]
@@ -71,10 +80,17 @@ class FARE(Method):
     def default_config(cls):
         drop = ("warmup_epochs", "warmup_lr", "select")
         base = {k: v for k, v in ADVERSARIAL_DEFAULTS.items() if k not in drop}
-        return dict(base, start="uniform", probe_epochs=10)
+        return dict(base, start="uniform", probe_epochs=10, guard=False)
 
     def validate(self):
         check_adversarial(self.cfg)
+        if self.cfg.get("guard"):
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                "fare has no fast-mode guard: the guard measures cross-entropy PGD accuracy through the head, "
+                "which FARE's stage never trains; leave guard off (fast mode then runs unguarded)"
+            )
 
     def stages(self):
         c = self.cfg

@@ -74,7 +74,14 @@ def genetic_regularizer(
         )
     if reduction not in ("sum", "mean"):
         raise ConfigError(f"reduction must be 'sum' or 'mean', got '{reduction}'")
-    # at least float32 (bf16/fp16 activations under autocast are promoted); float64 stays float64
+    # Autocast would run the Gram matrices in bf16/fp16 whatever the inputs' dtype (the loss is
+    # then off by >10 % and, for nearly collinear rows, its gradient is exactly zero): the
+    # regulariser computes with autocast off, in at least float32 (float64 stays float64).
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        return _genetic(student, target, labels, weights, reduction, eps)
+
+
+def _genetic(student, target, labels, weights, reduction: str, eps: float) -> torch.Tensor:
     dtype = torch.promote_types(torch.promote_types(student.dtype, target.dtype), torch.float32)
     student, target, weights = student.to(dtype), target.to(dtype), weights.to(dtype)
     w = torch.tanh((weights[:, None] + weights[None, :]) / 32.0)

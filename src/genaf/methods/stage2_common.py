@@ -66,6 +66,14 @@ def select_layers(model: nn.Module, ctx: Context, cfg: dict, n_selected, key: st
     if k > len(units):
         raise ConfigError(f"{label}: k={k} but the model has only {len(units)} Conv2d/Linear layers")
     ctx.log(f"{label}: robust sensitivity of {len(units)} layers on a probe of {len(adv)} PGD examples")
+    from ..data.module import small_split_warning
+
+    warn = small_split_warning(f"{label} probe (validation PGD examples)", len(adv), flag="probe_size")
+    if warn:
+        import sys
+
+        ctx.log(warn)
+        print(f"genaf: {warn}", file=sys.stderr)
     fraction = float(cfg.get("sensitivity_fraction", 1.0))
     scores = robust_sensitivity(
         model, adv, ys, units, eta=cfg["eta"], steps=cfg["sensitivity_steps"], seed=ctx.seed, ascent_fraction=fraction

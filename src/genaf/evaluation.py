@@ -6,6 +6,8 @@ results can be joined across runs and attacks.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -13,7 +15,14 @@ from .attacks.autoattack import VERSIONS as AA_VERSIONS
 from .attacks.autoattack import autoattack
 from .attacks.perturbation import Perturbation
 from .attacks.whitebox import fgsm, pgd
-from .checks import run_checks
+from .checks import (
+    check_perturbed_batch,
+    check_prediction_collapse,
+    check_surrogates_disjoint,
+    failed_checks,
+    independent_perturbed,
+    run_checks,
+)
 from .data import ImageSet
 from .errors import DataError
 from .utils import generator
@@ -96,26 +105,41 @@ def evaluate_model(
     checks: bool = True,
     check_whitebox: dict | None = None,
     n_check: int = 256,
+    adversarial: dict[str, tuple[torch.Tensor, dict]] | None = None,
+    split_indices: dict[str, torch.Tensor] | None = None,
 ) -> dict:
-    """Evaluate ``model`` on ``test`` against universal perturbations and white-box PGD.
+    """Evaluate ``model`` on ``test`` against universal perturbations, per-sample DAEs and
+    white-box PGD.
 
     Args:
+        test: the images evaluated (any split: ``test.split`` and ``test.dataset`` are recorded
+            in every entry).
         perturbations: name -> Perturbation (DAEs crafted on some encoder, applied as is).
         whitebox: e.g. ``{"eps": 8/255, "step": 2/255, "steps": 10, "restarts": 1}`` for PGD on
             the evaluated model itself (stronger than the threat model); None skips it.
         start_encoder_hash: hash of the encoder the model was fine-tuned from; perturbations
-            crafted on another encoder are marked as transfer attacks.
+            crafted on another encoder are marked as transfer attacks, with the encoder named.
         checks: run the self-checks of :mod:`genaf.checks` on the first ``n_check`` test
-            images (their white-box parts use ``check_whitebox``, default ``whitebox``).
+            images (their white-box parts use ``check_whitebox``, default ``whitebox``), check
+            every evaluated perturbed batch and the spread of the clean predictions.
+        adversarial: name -> (source, description) of per-sample DAEs (crafted on the original
+            encoder): ``source`` is either the adversarial images aligned with ``test``
+            (N, C, H, W) in [0,1], crafted beforehand, or a function ``x -> x_adv`` called on
+            each clean batch (its time is recorded as the attack's cost).
+        split_indices: split name -> dataset indices of the model's train/val splits: a
+            perturbation crafted from this dataset is checked to share none of them.
     Returns:
         the ``metrics.json`` dict (without run metadata) and per-sample predictions.
     """
     device = torch.device(device)
     perturbations = perturbations or {}
+    adversarial = adversarial or {}
     was = [(m, m.training) for m in model.modules()]
     model.eval()
     preds: dict[str, list[torch.Tensor]] = {"clean": []}
-    for name in perturbations:
+    for name in list(perturbations) + list(adversarial):
+        if name in preds:
+            raise DataError(f"two evaluation entries are both called '{name}'; give them distinct names")
         preds[name] = []
     wb_attacks = whitebox_attacks(whitebox, seed) if whitebox else {}
     for name in wb_attacks:
@@ -129,7 +153,12 @@ def evaluate_model(
             f"test labels go up to {int(test.labels.max())} but the model has {n_classes} classes: "
             "evaluate on the dataset the model was fine-tuned for"
         )
+    for name, (xa, _) in adversarial.items():
+        if torch.is_tensor(xa) and len(xa) != len(test):
+            raise DataError(f"per-sample DAE '{name}' holds {len(xa)} images for {len(test)} evaluated images")
     report = None
+    applied: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
     try:
         if checks:
             sub = test.subset(n_check)
@@ -142,23 +171,45 @@ def evaluate_model(
                 n_classes,
                 seed,
             )
+        start = 0
         for x, y, idx in test.batches(batch_size, device=device):
             labels.append(y.cpu())
             indices.append(idx.cpu())
             preds["clean"].append(_predict(model, x).cpu())
+            first = start == 0
             for name, p in perturbations.items():
-                preds[name].append(_predict(model, p.apply(x)).cpu())
+                xp = p.apply(x)
+                if first and checks:
+                    applied[name] = check_perturbed_batch(
+                        x, xp, float(p.eps) if p.kind == "additive" else None, independent_perturbed(p, x)
+                    )
+                preds[name].append(_predict(model, xp).cpu())
+            for name, (source, desc) in adversarial.items():
+                t0 = time.time()
+                if torch.is_tensor(source):
+                    xa = source[start : start + len(x)].to(device=device, dtype=x.dtype)
+                else:  # crafted now, batch by batch
+                    xa = source(x)
+                seconds[name] = seconds.get(name, 0.0) + time.time() - t0
+                if first and checks:
+                    applied[name] = check_perturbed_batch(x, xa, desc.get("eps"))
+                preds[name].append(_predict(model, xa).cpu())
             for name, (run, _) in wb_attacks.items():
+                t0 = time.time()
                 preds[name].append(_predict(model, run(model, x, y)).cpu())
+                seconds[name] = seconds.get(name, 0.0) + time.time() - t0
+            start += len(x)
     finally:
         for m, t in was:
             m.train(t)
     y = torch.cat(labels)
     p = {k: torch.cat(v) for k, v in preds.items()}
     clean = p["clean"]
+    where = {"dataset": test.dataset, "split": test.split, "n": int(len(y))}
     out = {
         "clean_acc": float((clean == y).float().mean()),
         "n_test": int(len(y)),
+        "evaluated_on": where,
         "robust_acc": {},
         "fooling_rate": {},
         "attack_success_rate": {},
@@ -172,9 +223,21 @@ def evaluate_model(
         for k in ("robust_acc", "fooling_rate", "attack_success_rate", "relative_decline"):
             out[k][name] = r[k]
         if name in wb_attacks:
-            out["attacks"][name] = {"type": "white-box", **wb_attacks[name][1]}
+            out["attacks"][name] = {
+                "type": "white-box",
+                **wb_attacks[name][1],
+                **where,
+                "seconds": round(seconds.get(name, 0.0), 2),
+            }
+        elif name in adversarial:
+            desc = dict(adversarial[name][1])
+            if not torch.is_tensor(adversarial[name][0]):
+                desc["seconds"] = round(seconds.get(name, 0.0), 2)
+                desc["images_per_second"] = round(len(y) / max(seconds.get(name, 0.0), 1e-9), 1)
+            out["attacks"][name] = {"type": "per-sample", **desc, **where}
         else:
             pert = perturbations[name]
+            transfer = bool(start_encoder_hash and pert.encoder_hash and pert.encoder_hash != start_encoder_hash)
             out["attacks"][name] = {
                 "type": "universal",
                 "attack": pert.attack,
@@ -182,10 +245,18 @@ def evaluate_model(
                 "kind": pert.kind,
                 "surrogate": pert.surrogate,
                 "encoder_hash": pert.encoder_hash,
+                "crafted_on": pert.encoder_source or pert.encoder_hash,
                 "seed": pert.seed,
-                "transfer": bool(start_encoder_hash and pert.encoder_hash and pert.encoder_hash != start_encoder_hash),
+                "transfer": transfer,
+                **({"transfer_from": pert.encoder_source or pert.encoder_hash} if transfer else {}),
+                **where,
             }
     if report is not None:
+        report["perturbation_applied"] = applied
+        report["prediction_collapse"] = check_prediction_collapse(clean, y)
+        if split_indices is not None and perturbations:
+            report["surrogates_disjoint"] = check_surrogates_disjoint(perturbations, test.dataset, split_indices)
+        report["failed"] = failed_checks(report)
         out["checks"] = report
     per_sample = {"index": torch.cat(indices).tolist(), "label": y.tolist(), **{k: v.tolist() for k, v in p.items()}}
     return {"metrics": out, "per_sample": per_sample}
