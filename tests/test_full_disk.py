@@ -78,3 +78,51 @@ def test_other_os_errors_pass_through(tmp_path):
 
     with pytest.raises(PermissionError):
         utils.atomic_write(tmp_path / "a.json", fail)
+
+
+_SCRIPT = """
+import resource, signal, sys, torch
+from genaf import utils
+from genaf.errors import GenafError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+path = sys.argv[1]
+utils.torch_save_atomic({"epoch": 3, "w": torch.arange(10.0)}, path)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+try:
+    utils.torch_save_atomic({"epoch": 4, "w": torch.zeros(1_000_000)}, path)
+except GenafError as exc:
+    print("GENAF:", exc)
+"""
+
+
+def test_a_real_write_failure_inside_torch_save_gives_the_message(tmp_path):
+    """torch.save's own writer fails (a file-size limit stands in for a full disk): torch raises a
+    RuntimeError, not OSError(ENOSPC); the message still appears and the old checkpoint stays."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "checkpoint.pt"
+    r = subprocess.run([sys.executable, "-c", _SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "GENAF:" in r.stdout and "previous version is intact" in r.stdout, r.stdout
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["epoch"] == 3
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_really_full_file_system(tmp_path):
+    """A 64 KiB tmpfs (needs mount permission: root in a container that allows it)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
+    try:
+        path = mnt / "checkpoint.pt"
+        utils.torch_save_atomic({"epoch": 3}, path)
+        with pytest.raises(GenafError, match="disk full|no space left"):
+            utils.torch_save_atomic({"epoch": 4, "w": torch.zeros(100_000)}, path)
+        assert torch.load(path, weights_only=True)["epoch"] == 3 and _leftovers(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

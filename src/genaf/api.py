@@ -24,7 +24,7 @@ from .config import resolve
 from .data import DataModule, ImageSet, load_dataset
 from .data.module import small_split_warning
 from .encoders import Encoder, load_encoder
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, first_line
 from .evaluation import evaluate_model
 from .methods.base import create_method
 from .models import DownstreamModel, load_model, save_model
@@ -99,8 +99,10 @@ def finetune(
 
     The run directory holds ``model.safetensors`` + ``model.json`` (``load_model``),
     ``config.yaml`` (the resolved configuration), ``metrics.json`` (clean and white-box
-    robust accuracy on the test split), ``history.json``, ``checkpoint.pt`` and, for
-    ``genaf``, ``sensitivity.json``. Returns the metrics dict.
+    robust accuracy on the test split, the training budget, the data read), ``predictions.json``,
+    ``history.json`` and, for ``genaf``, ``sensitivity.json``. ``checkpoint.pt`` (the full
+    training state, written atomically after every epoch) is removed once the run has finished,
+    unless ``train={"keep_checkpoint": True}``. Returns the metrics dict.
     """
     cfg = resolve(
         config,
@@ -113,21 +115,137 @@ def finetune(
         data=data or None,
     )
     out = Path(out)
-    if resume and not (out / "checkpoint.pt").is_file():
-        raise CheckpointError(f"--resume: {out} has no checkpoint.pt to resume from")
-    if not resume and (out / "checkpoint.pt").is_file():
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    check_seed(cfg["seed"])
+    check_run_dir(out, resume)
     meth = create_method(cfg["method"], **cfg["method_config"])
     cfg["method_config"] = dict(meth.cfg)
     tcfg = TrainConfig(**{"seed": cfg["seed"], **cfg["train"]})
     tcfg.validate()
     cfg["train"] = {k: getattr(tcfg, k) for k in tcfg.__dataclass_fields__}
+    saved = _saved_config(out) if resume else None
+    if saved is not None:
+        check_same_run(saved, cfg, out)
     device = resolve_device(tcfg.device)
     seed_everything(cfg["seed"])
     enc = load_encoder(cfg["encoder"])
     dm = datamodule if datamodule is not None else data_from_config(cfg)
     cfg["data_info"] = dm.info
+    if saved is not None:
+        check_same_data(saved, cfg, out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = run_lock(out)
+    try:
+        return _finetune_locked(cfg, meth, tcfg, device, enc, dm, out, resume, log)
+    finally:
+        lock.close()
+
+
+# Options that may differ on --resume: where the run executes and how it reports, not what it computes.
+RESUME_FREE = {("train", "device"), ("train", "progress"), ("data", "root"), ("data", "download")}
+
+
+def check_seed(seed) -> int:
+    """A seed is a whole number in [0, 2^63)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be a whole number in [0, 2^63), got {seed!r}")
+    return seed
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    """``--out`` must be a new or empty folder (or a genaf run to ``--resume``), writable now."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a folder; choose a folder for the run")
+    has_run = out.is_dir() and any((out / f).exists() for f in ("config.yaml", "checkpoint.pt", "model.safetensors"))
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            done = (out / "metrics.json").is_file()
+            raise CheckpointError(
+                f"--resume: {out} "
+                + (
+                    "holds a finished run; there is nothing to resume"
+                    if done
+                    else "has no checkpoint.pt to resume from"
+                )
+            )
+    elif has_run:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    elif out.is_dir() and any(p.name != ".genaf.lock" for p in out.iterdir()):
+        raise ConfigError(f"--out {out} is a folder with other files in it; choose a new or empty folder for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"--out {out} cannot be created ({exc.strerror}); choose a writable place") from exc
+    if not _writable(out / "config.yaml"):
+        raise CheckpointError(f"--out {out} is not writable; choose a writable place (nothing was trained)")
+
+
+def _saved_config(out: Path) -> dict | None:
+    path = out / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"--resume: {path} is not valid YAML ({first_line(exc)})") from exc
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"--resume: {path} is empty or not a genaf run configuration")
+    return saved
+
+
+def _differences(a, b, path=()) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            if path + (k,) in RESUME_FREE or (not path and k == "data_info"):
+                continue
+            out += _differences(a.get(k), b.get(k), path + (k,))
+        return out
+    if a != b and not (isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1e-12 * max(abs(a), abs(b))):
+        return [f"{'.'.join(map(str, path))}: saved {a!r}, now {b!r}"]
+    return []
+
+
+def check_same_run(saved: dict, cfg: dict, out: Path) -> None:
+    """``--resume`` continues the saved run, not another one: every option that shapes the result
+    must be the saved one (only device, progress and where the data live may change)."""
+    diff = _differences(saved, cfg)
+    if diff:
+        raise ConfigError(
+            f"--resume: the options differ from the run saved in {out} ({'; '.join(diff[:6])}"
+            + (f"; +{len(diff) - 6} more" if len(diff) > 6 else "")
+            + "); resume with the saved options, or start a new run in another --out"
+        )
+
+
+def check_same_data(saved: dict, cfg: dict, out: Path) -> None:
+    old, new = saved.get("data_info") or {}, cfg["data_info"]
+    for k in ("train_indices_sha256", "val_indices_sha256", "test_indices_sha256", "n_train", "n_val", "n_test"):
+        if k in old and old[k] != new.get(k):
+            raise ConfigError(
+                f"--resume: the data differ from the run saved in {out} ({k}: saved {old[k]}, now {new.get(k)}); "
+                "point --data-root at the files the run started with"
+            )
+
+
+def run_lock(out: Path):
+    """An exclusive lock on a run folder for the duration of a fine-tune: a second genaf on the
+    same --out is refused at once instead of both writing into it."""
+    fh = open(out / ".genaf.lock", "w")
+    try:
+        import fcntl
+
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # not POSIX: no lock
+        pass
+    except OSError as exc:
+        fh.close()
+        raise ConfigError(
+            f"another genaf is writing into {out} right now; wait for it or choose another --out"
+        ) from exc
+    return fh
+
+
+def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, log) -> dict:
     atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg, sort_keys=False)))
     torch.manual_seed(unit_seed(cfg["seed"], "head-init"))
     model = DownstreamModel(enc, dm.num_classes, cfg["head"])
@@ -169,8 +287,10 @@ def finetune(
         "data": cfg["data_info"],
         "versions": versions(),
     }
-    write_json(out / "metrics.json", metrics)
     write_json(out / "predictions.json", res["per_sample"])
+    write_json(out / "metrics.json", metrics)
+    if not tcfg.keep_checkpoint:  # the run is complete: its final model and metrics are on disk
+        (out / "checkpoint.pt").unlink(missing_ok=True)
     return metrics
 
 

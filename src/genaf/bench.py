@@ -761,7 +761,31 @@ def read_results(out_dir: str | os.PathLike) -> dict:
         obj = {"rows": obj}
     if not isinstance(obj, dict) or not isinstance(obj.get("rows"), list):
         raise ConfigError(f"{path} holds no 'rows' list")
+    for i, r in enumerate(obj["rows"]):
+        _check_row(r, f"{path} row {i}")
     return obj
+
+
+def _check_row(r: Any, where: str) -> None:
+    """A results row as genaf writes it: key columns present, numbers where numbers belong."""
+    if not isinstance(r, dict):
+        raise ConfigError(f"{where} is not a mapping ({type(r).__name__}); was the file edited by hand?")
+    missing = [k for k in KEY_COLUMNS if k not in r]
+    if missing:
+        raise ConfigError(f"{where} lacks the column(s) {missing}; was the file edited by hand?")
+    for k in ("encoder", "dataset", "method", "setting", "attack"):
+        if not isinstance(r[k], str):
+            raise ConfigError(f"{where}: {k} must be text, got {r[k]!r}")
+    if isinstance(r["seed"], bool) or not isinstance(r["seed"], int):
+        raise ConfigError(f"{where}: seed must be a whole number, got {r['seed']!r}")
+    for k in ("eps", "clean_acc", "robust_acc", "val_clean_acc", "val_robust_acc", "fooling_rate", "drift"):
+        v = r.get(k)
+        if v is None and k not in ("eps", "clean_acc", "robust_acc"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise ConfigError(f"{where}: {k} must be a number, got {v!r}; was the file edited by hand?")
+        if k.endswith("_acc") and not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{where}: {k}={v} is not an accuracy in [0, 1]")
 
 
 @contextlib.contextmanager

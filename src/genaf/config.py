@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, did_you_mean, first_line
 
 DEFAULTS: dict[str, Any] = {
     "encoder": "demo",
@@ -54,7 +54,7 @@ def load_yaml(path: str | Path, what: str = "config file") -> dict:
     try:
         obj = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"{what} {path} is not valid YAML: {first_line(exc)}") from exc
     if not isinstance(obj, dict):
         raise ConfigError(f"{what} {path} must hold a mapping at the top level")
     return obj

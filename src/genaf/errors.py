@@ -40,3 +40,12 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> SpecError:
     """Build the standard 'unknown X' error listing the valid choices."""
     choices = sorted(choices)
     return SpecError(f"unknown {kind} '{name}'{did_you_mean(name, choices)}; choose one of: {', '.join(choices)}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name (some exceptions,
+    e.g. torch's on a 0-byte file, carry an empty message)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -26,7 +26,7 @@ from torch import nn
 
 from .attacks.whitebox import pgd
 from .augment import crop_flip
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 from .methods.base import Context, Method, ParamGroup, Stage
 from .utils import generator, torch_save_atomic, unit_seed
 
@@ -86,6 +86,9 @@ class TrainConfig:
     # take at most a quarter of its free memory), "on", "off". Nothing to do on the CPU.
     data_on_device: str = "auto"
     augment: bool = True
+    # keep checkpoint.pt once the run has finished and its model and metrics are written
+    # (it holds the full training state: the stage-1 snapshot, the reference encoder, ...)
+    keep_checkpoint: bool = False
     n_val_robust: int = 512  # validation images attacked each epoch for model selection
     val_eps: float = 8 / 255
     val_step: float = 2 / 255
@@ -179,7 +182,6 @@ class Trainer:
         self.stages: list[Stage] = method.stages()
         self.history: list[dict] = []
         self.artifacts: dict = {}
-        self._interrupted = False
         self.counter: PassCounter | None = None
 
     # ------------------------------------------------------------------ evaluation
@@ -262,7 +264,7 @@ class Trainer:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"--resume: cannot read {path} safely ({str(exc).splitlines()[0]})") from exc
+            raise CheckpointError(f"--resume: cannot read {path} safely ({first_line(exc)})") from exc
         if not isinstance(state, dict) or state.get("format") != "genaf-checkpoint":
             raise CheckpointError(f"--resume: {path} is not a genaf training checkpoint")
         return state
@@ -295,18 +297,37 @@ class Trainer:
         if cfg.compile == "none":
             self.counter = PassCounter(self.artifacts)
             self.counter.attach(self.model.encoder, reference)
+        # Ctrl-C: nothing is written at the moment of the interrupt. The checkpoint on disk is the
+        # one of the last *completed* epoch (written atomically at its end, with the scheduler
+        # state, the best-epoch record and the artefacts of that moment), so `--resume` replays
+        # exactly what an uninterrupted run does from there, as after `kill -9`. Saving the
+        # partial epoch instead would store partly trained weights under the previous epoch.
         old_handler = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._on_sigint)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             for si in range(start_stage, len(self.stages)):
                 resumed_here = ckpt is not None and si == start_stage
                 self._run_stage(si, ctx, start_epoch if resumed_here else 0, ckpt if resumed_here else None)
             self._save(len(self.stages), 0, [], [], None)
+        except KeyboardInterrupt:
+            self.log(f"interrupted: {self._kept()}; continue with --resume")
+            raise
         finally:
             signal.signal(signal.SIGINT, old_handler)
             if self.counter is not None:
                 self.counter.detach()
         return self.artifacts
+
+    def _kept(self) -> str:
+        """What the checkpoint on disk holds (said when a run is interrupted)."""
+        path = self._ckpt_path()
+        if not path.is_file():
+            return "no epoch had finished, so no checkpoint was written"
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            return f"{path} keeps the state after {state['epoch']} epoch(s) of {state['stage']}"
+        except Exception:
+            return f"{path} keeps the last completed epoch"
 
     def budget(self) -> dict:
         """The training budget this fit spent: epochs per stage (planned and run) and encoder
@@ -330,11 +351,6 @@ class Trainer:
         else:
             out["encoder_passes_per_train_image"] = None  # not counted under torch.compile
         return out
-
-    def _on_sigint(self, signum, frame):
-        self._interrupted = True
-        self.log("interrupted: finishing the current batch and writing a checkpoint (Ctrl-C again to abort)")
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _run_stage(self, si: int, ctx: Context, start_epoch: int, ckpt: dict | None) -> None:
         stage, cfg = self.stages[si], self.cfg
@@ -394,15 +410,9 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 nb += 1
                 bar.update(1)
-                if self._interrupted:
-                    break
             bar.close()
             for s in scheds:
                 s.step()
-            if self._interrupted:
-                self._save(si, epoch, opts, scheds, best)
-                self.log(f"checkpoint written to {self._ckpt_path()}; continue with --resume")
-                sys.exit(130)
             val = self.validate(robust=stage.needs_val_robust or stage.select in ("robust", "clean+robust"))
             hook = getattr(stage, "end_epoch", None)  # e.g. the fast-mode guard of adversarial stages
             val_attack = {"eps": cfg.val_eps, "step": cfg.val_step, "steps": cfg.val_steps, "n": cfg.n_val_robust}

@@ -74,15 +74,47 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> None
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            from .errors import GenafError
+        kept = "the previous version is intact" if path.exists() else "nothing was written"
+        from .errors import GenafError
 
-            kept = "the previous version is intact" if path.exists() else "nothing was written"
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise GenafError(
                 f"no space left on the device while writing {path} ({kept}); free some space and run "
                 "the command again (finetune: with --resume)"
             ) from exc
+        if isinstance(exc, RuntimeError) and _is_write_failure(exc):
+            # torch's file writer reports a full disk as a RuntimeError, not as OSError(ENOSPC)
+            free = _free_bytes(path.parent)
+            raise GenafError(
+                f"writing {path} failed ({_first_line(exc)}); is the disk full? ({free} free; {kept}); free some "
+                "space and run the command again (finetune: with --resume)"
+            ) from exc
         raise
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(k in text for k in ("inline_container", "file write failed", "failed writing", "unexpected pos"))
+
+
+def _free_bytes(folder: Path) -> str:
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown space"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+        free /= 1024
+    return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    from .errors import first_line
+
+    return first_line(exc)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

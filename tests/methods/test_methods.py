@@ -12,7 +12,7 @@ from genaf.methods.base import create_method
 from genaf.methods.genaf import Stage1
 from genaf.models import DownstreamModel, load_model
 
-TINY_TRAIN = {"batch_size": 64, "n_val_robust": 32, "val_steps": 1, "augment": False}
+TINY_TRAIN = {"batch_size": 64, "n_val_robust": 32, "val_steps": 1, "augment": False, "keep_checkpoint": True}
 TINY_DATA = {"n_train": 192, "n_val": 96, "n_test": 96}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,8 @@ class Normalize(nn.Module):
         super().__init__()
         if len(mean) != len(std):
             raise SpecError(f"mean has {len(mean)} channels but std has {len(std)}")
+        if not all(math.isfinite(float(v)) for v in (*mean, *std)):
+            raise SpecError(f"normalisation mean/std must be finite numbers, got mean {tuple(mean)}, std {tuple(std)}")
         if any(s <= 0 for s in std):
             raise SpecError(f"normalisation std must be positive, got {tuple(std)}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)

@@ -62,6 +62,16 @@ def create_method(name: str, **cfg: Any) -> Method:
     negative = [k for k, v in merged.items() if k.endswith("epochs") and isinstance(v, int) and v < 0]
     if negative:
         raise ConfigError(f"method {name}: {', '.join(f'{k}={merged[k]}' for k in negative)}; epochs must be >= 0")
+    import math
+
+    nonfinite = [k for k, v in merged.items() if isinstance(v, float) and not math.isfinite(v)]
+    if nonfinite:
+        raise ConfigError(f"method {name}: {', '.join(f'{k}={merged[k]}' for k in nonfinite)}; options must be finite")
+    bad_lr = [k for k, v in merged.items() if (k == "lr" or k.endswith("_lr")) and isinstance(v, float) and v <= 0]
+    if bad_lr:
+        raise ConfigError(
+            f"method {name}: {', '.join(f'{k}={merged[k]}' for k in bad_lr)}; learning rates must be positive"
+        )
     return cls(merged)
 
 
