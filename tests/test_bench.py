@@ -124,11 +124,13 @@ def test_runner_writes_every_cell_and_a_report(reference):
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_gives_the_uninterrupted_results(reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_kill_then_rerun_gives_the_uninterrupted_results(reference, tmp_path, sig):
+    """kill -9, or Ctrl-C in the middle of a fine-tune: the rerun gives the same rows."""
     cfg, ref, _ = reference
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "genaf", "bench", str(cfg), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), text=True)
     deadline = time.time() + 300
     killed_mid_finetune = False
     try:
@@ -139,9 +141,11 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_results(reference, tmp_path):
                 break
             time.sleep(0.01)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(sig)
+        _, err = proc.communicate()
     assert killed_mid_finetune, "the bench finished (or stalled) before it could be killed mid fine-tune"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "Traceback" not in err, err
     done = json.loads((out / "results.json").read_text())["rows"] if (out / "results.json").exists() else []
     assert len(done) < N_ROWS
     subprocess.run(cmd, check=True, capture_output=True, env=_env(), timeout=600)

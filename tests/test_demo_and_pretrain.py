@@ -86,7 +86,9 @@ def test_yaml_config_unknown_key_and_resolved_config(tmp_path, capsys, tiny_data
     # a second run into the same directory must be explicit
     assert main(["finetune", "--config", str(good), "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main(["finetune", "--config", str(good), "--out", str(out), "--resume"]) == 0
+    # a finished run keeps no checkpoint: resuming it is refused, saying why
+    assert main(["finetune", "--config", str(good), "--out", str(out), "--resume"]) == 2
+    assert "finished run" in capsys.readouterr().err
 
 
 def test_config_resolution_errors():

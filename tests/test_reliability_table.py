@@ -262,12 +262,16 @@ def _write_doc(rows) -> None:
         "",
         "## Evaluations that cannot lie",
         "",
-        "`metrics.json` holds `checks` (see `genaf.checks`): finite deterministic logits, a zero "
-        "perturbation keeps every clean prediction, the PGD loss rises, robust accuracy does not rise "
-        "with ε by more than 1 point, white-box robust accuracy is not above transfer robust accuracy "
-        "by more than noise. A failed check prints a warning in the CLI and is flagged in reports. "
-        "`tests/test_checks.py` shows each check firing on a deliberately broken model (softmax "
-        "outputs, dropout left on, input quantisation that masks gradients, an input-magnitude gate).",
+        "`metrics.json` holds `checks` (see `genaf.checks`): finite deterministic logits; the first "
+        "evaluated perturbed batch of each entry equals an independent clamp(x + δ), stays in [0, 1] and "
+        "within ε and differs from the clean images; the model does not answer nearly one class; a "
+        "perturbation crafted from the run's own dataset shares no index with its train/val splits; the "
+        "PGD loss rises; robust accuracy does not rise with ε by more than 1 point; white-box robust "
+        "accuracy is not above transfer robust accuracy by more than noise. A failed check prints a "
+        "warning in the CLI and is flagged in reports. `tests/test_checks.py` and `tests/test_honesty.py` "
+        "show each check firing on a deliberately broken model or record (softmax outputs, dropout left "
+        "on, input quantisation that masks gradients, an input-magnitude gate, a misapplied perturbation, "
+        "a one-class model, surrogates taken from the training split).",
         "",
     ]
     DOC.parent.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,9 @@ def finetune(
     check_run_dir(out, resume)
     meth = create_method(cfg["method"], **cfg["method_config"])
     cfg["method_config"] = dict(meth.cfg)
-    tcfg = TrainConfig(**{"seed": cfg["seed"], **cfg["train"]})
+    from .config import typed_fields
+
+    tcfg = TrainConfig(**{"seed": cfg["seed"], **typed_fields(TrainConfig, cfg["train"], "train")})
     tcfg.validate()
     cfg["train"] = {k: getattr(tcfg, k) for k in tcfg.__dataclass_fields__}
     saved = _saved_config(out) if resume else None
@@ -184,8 +186,10 @@ def _saved_config(out: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        saved = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        from .config import safe_yaml
+
+        saved = safe_yaml(path.read_bytes(), str(path))
+    except ConfigError as exc:
         raise CheckpointError(f"--resume: {path} is not valid YAML ({first_line(exc)})") from exc
     if not isinstance(saved, dict):
         raise CheckpointError(f"--resume: {path} is empty or not a genaf run configuration")
@@ -505,7 +509,9 @@ def evaluate(
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a genaf run directory (no config.yaml)")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    from .config import safe_yaml
+
+    cfg = safe_yaml((run_dir / "config.yaml").read_bytes(), str(run_dir / "config.yaml"))
     if not isinstance(cfg, dict) or "dataset" not in cfg:
         raise CheckpointError(f"{run_dir / 'config.yaml'} is empty or not a genaf run configuration")
     if split not in ("test", "val"):

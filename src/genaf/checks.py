@@ -5,7 +5,7 @@ the run: the CLI prints a loud warning and reports flag it. The checks:
 
 - ``logits``: the model returns finite (N, classes) logits — not probabilities — and is
   deterministic in eval mode (two passes are bit-identical);
-- ``perturbation_applied``: every evaluated perturbed batch equals an independent
+- ``perturbation_applied``: the first evaluated perturbed batch of each entry equals an independent
   ``clamp(x + clamp(δ, −ε, ε), 0, 1)`` (or the patch pasted by its mask; for per-sample DAEs:
   the adversarial images handed over), stays in [0, 1] and within ε of the clean images, and
   differs from them (a perturbation that was never applied cannot pass);

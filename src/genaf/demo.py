@@ -2,13 +2,16 @@
 
 Protocol (fixed, not tuned to the result):
 - encoder: the shipped demo encoder (SimCLR, narrow ResNet-18, Fashion-MNIST);
-- downstream: Fashion-MNIST, seeded train / validation / test subsets;
-- DAEs: universal L∞ perturbations at ε = 16/255 crafted on the **original** encoder from
-  surrogate images (training-split images used by neither train nor validation, and the test
-  split is separate), plus uniform noise of the same ε as a control;
+- downstream: ``fashion-mnist-demo`` (8,000 Fashion-MNIST images shipped with the package,
+  :mod:`genaf.data.demo_subset`), seeded train / validation splits, a fixed test split;
+- DAEs: universal L∞ perturbations at ε = 16/255 crafted on the **original** encoder from the
+  dataset's surrogate reserve (2,000 training images that no train or validation split uses;
+  the test split is separate), plus uniform noise of the same ε as a control;
 - training PGD and the stage-2 probe: ε = 8/255, step 2/255;
 - white-box PGD-10 (ε = 8/255) on each fine-tuned model, for completeness;
-- methods: ``sft``, ``at`` and ``genaf`` with their defaults, one seed (recorded).
+- methods: ``sft``, ``at`` and ``genaf`` with their defaults, and ``sft-budget`` / ``at-budget``
+  (SFT and AT trained for Gen-AF's total epochs, a control for a gain that is only more
+  training); one seed (recorded).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from .report import demo_table
 from .utils import resolve_device, write_json
 
 DAE_EPS = 16 / 255
+# The demo's data: a fixed 8,000-image subset of Fashion-MNIST shipped with the package (read from
+# the original files when they are installed; genaf.data.demo_subset), so a fresh install runs it.
+DATASET = "fashion-mnist-demo"
 SETTINGS = {
     "full": {
         "n_train": 3000,
@@ -97,10 +103,11 @@ def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "a
     s = SETTINGS["quick" if quick else "full"]
     dev = resolve_device(device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    data = load_dataset("fashion-mnist", n_train=s["n_train"], n_val=s["n_val"], n_test=s["n_test"], seed=seed)
+    data = load_dataset(DATASET, n_train=s["n_train"], n_val=s["n_val"], n_test=s["n_test"], seed=seed)
+    log(f"demo: data read from {data.info['source']}")
     enc = load_encoder("demo")
     sur = data.surrogate(s["n_surrogate"])
-    sur_name = f"the fashion-mnist surrogate reserve ({len(sur)} training images in no downstream split)"
+    sur_name = f"the {DATASET} surrogate reserve ({len(sur)} training images in no downstream split)"
     log(
         f"demo: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images; "
         f"{len(sur)} disjoint surrogate images; DAE eps = 16/255"
@@ -133,7 +140,7 @@ def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "a
             resume = (run / "checkpoint.pt").is_file()
             finetune(
                 "demo",
-                "fashion-mnist",
+                DATASET,
                 method,
                 run,
                 method_config=mc,
@@ -156,7 +163,8 @@ def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "a
     text = [
         "# genaf demo",
         "",
-        f"Encoder: the shipped demo encoder (SimCLR, ResNet-18 width 16, Fashion-MNIST). Downstream: Fashion-MNIST, "
+        "Encoder: the shipped demo encoder (SimCLR, ResNet-18 width 16, Fashion-MNIST). "
+        f"Downstream: {DATASET} (read from {data.info['source']}), "
         f"{len(data.train)} train / {len(data.val)} validation / {len(data.test)} test images, seed {seed}.",
         f"DAEs: universal L∞ perturbations, ε = 16/255, crafted on the original encoder from {sur_name}; "
         "uniform-noise is the random control of the same ε. pgd10-wb: white-box PGD-10 at ε = 8/255 on each "
@@ -200,7 +208,7 @@ def craft_demo_perturbations(enc, data, s: dict, folder: Path, dev, seed: int, q
     from .visualize import save_perturbation_images
 
     sur = data.surrogate(s["n_surrogate"])
-    sur_name = f"fashion-mnist surrogate reserve ({len(sur)} images, in no downstream split)"
+    sur_name = f"{DATASET} surrogate reserve ({len(sur)} images, in no downstream split)"
     perts = {}
     for name in ATTACKS:
         path = folder / f"{name}.safetensors"

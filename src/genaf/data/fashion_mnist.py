@@ -17,7 +17,9 @@ import torch
 
 from ..errors import DataError
 
-DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+# Where Debian's dataset-fashion-mnist puts the files; $GENAF_SYSTEM_FASHION_MNIST names another
+# system location (an empty folder stands for a machine without the package).
+DEBIAN_ROOT = Path(os.environ.get("GENAF_SYSTEM_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

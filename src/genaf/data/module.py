@@ -31,6 +31,12 @@ def _tv(name: str) -> RawLoader:
     return load
 
 
+def _demo(root=None, download=False):
+    from .demo_subset import load_demo_subset
+
+    return load_demo_subset(root, download)
+
+
 def _digits(root=None, download=False):
     from .rendered_digits import load_rendered_digits
 
@@ -39,6 +45,7 @@ def _digits(root=None, download=False):
 
 DATASETS: dict[str, RawLoader] = {
     "fashion-mnist": _fashion,
+    "fashion-mnist-demo": _demo,
     "rendered-digits": _digits,
     "cifar10": _tv("cifar10"),
     "stl10": _tv("stl10"),
@@ -257,7 +264,9 @@ def load_dataset(
     else:
         raise unknown("dataset", spec, list(DATASETS) + ["imagefolder:PATH"])
     train_x, train_y, test_x, test_y, classes = raw[:5]
-    source = raw[5] if len(raw) > 5 else None
+    extra = raw[5] if len(raw) > 5 else None
+    extra = extra if isinstance(extra, dict) else {"source": extra}
+    source, fixed = extra.get("source"), extra.get("fixed_reserve")
     for v, what in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
         if v is not None and int(v) <= 0:
             raise ConfigError(f"{what} must be positive, got {v}")
@@ -272,10 +281,16 @@ def load_dataset(
         if int(y.min()) < 0 or int(y.max()) >= nc:
             raise DataError(f"{name} {what} labels span [{int(y.min())}, {int(y.max())}] but there are {nc} classes")
     n = len(train_y)
-    nr = default_reserve(n) if surrogate_reserve is None else int(surrogate_reserve)
+    if fixed is not None:  # a dataset whose reserve is its first images (the demo subset)
+        nr = int(fixed) if surrogate_reserve is None else int(surrogate_reserve)
+        if nr != int(fixed):
+            raise ConfigError(f"{name} has a fixed surrogate reserve of {fixed} images; leave surrogate_reserve unset")
+        order = torch.arange(n)
+    else:
+        nr = default_reserve(n) if surrogate_reserve is None else int(surrogate_reserve)
+        order = reserve_order(n)
     if nr >= n:
         raise ConfigError(f"{name} has {n} training images; a surrogate reserve of {nr} leaves none to train on")
-    order = reserve_order(n)
     reserve_idx, rest = order[:nr], order[nr:]
     m = len(rest)
     nv = int(n_val) if n_val is not None else max(1, int(round(val_fraction * m)))
