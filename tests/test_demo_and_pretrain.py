@@ -12,9 +12,15 @@ from genaf.errors import ConfigError
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_everything(tmp_path, tiny_data):
+def test_quick_demo_writes_everything(tmp_path, tiny_data, monkeypatch):
+    """The quick demo, on a machine without the Fashion-MNIST system package (the root is pointed
+    at an empty folder): the data come from the package's own subset."""
     from genaf.demo import run_demo
 
+    empty = tmp_path / "no-system-files"
+    empty.mkdir()
+    monkeypatch.delenv("GENAF_FASHION_MNIST", raising=False)
+    monkeypatch.setenv("GENAF_SYSTEM_FASHION_MNIST", str(empty))
     out = tmp_path / "demo"
     results = run_demo(out, quick=True, device="cpu", log=lambda *_: None)
     # the three methods and SFT / AT again at Gen-AF's total budget (warm-up 1 + 1 + stage 2 1 = 3 epochs)
@@ -29,6 +35,7 @@ def test_quick_demo_writes_everything(tmp_path, tiny_data):
     report = (out / "report.md").read_text()
     assert "| genaf |" in report and "| at-budget |" in report and "16/255" in report
     assert "surrogate reserve" in report and "passes/img" in report
+    assert "package data fashion-mnist-demo.npz.xz" in report
     assert (out / "genaf" / "sensitivity.json").is_file()
     assert (out / "perturbations" / "ssp-universal.delta.png").is_file()
 

@@ -1,9 +1,6 @@
 """The demo's data come with the install: the shipped Fashion-MNIST subset equals the original
 files at the recorded indices, and the demo runs on a machine without the system package."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,21 +43,3 @@ def test_the_subset_equals_the_original_files_and_both_sources_give_the_same_spl
     reserve = set(torch.from_numpy(a["train_source_index"][:N_RESERVE]).tolist())
     assert not reserve & (set(full.train.indices.tolist()) | set(full.val.indices.tolist()))
     assert len(from_asset.surrogate_pool) == N_RESERVE
-
-
-@pytest.mark.slow
-def test_quick_demo_on_a_machine_without_the_system_package(tmp_path):
-    empty = tmp_path / "no-system-files"
-    empty.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "GENAF_FASHION_MNIST"}
-    env.update(GENAF_SYSTEM_FASHION_MNIST=str(empty), OMP_NUM_THREADS="1")
-    r = subprocess.run(
-        [sys.executable, "-m", "genaf", "demo", "--quick", "--out", str(tmp_path / "demo")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1200,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "package data fashion-mnist-demo.npz.xz" in report and "| genaf |" in report

@@ -19,7 +19,7 @@ from ..errors import DataError
 
 # Where Debian's dataset-fashion-mnist puts the files; $GENAF_SYSTEM_FASHION_MNIST names another
 # system location (an empty folder stands for a machine without the package).
-DEBIAN_ROOT = Path(os.environ.get("GENAF_SYSTEM_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
+DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -62,7 +62,7 @@ def candidate_roots(root: str | os.PathLike | None) -> tuple[list[Path], str]:
     env = os.environ.get("GENAF_FASHION_MNIST")
     if env:
         return [Path(env).expanduser()], f"GENAF_FASHION_MNIST={env}"
-    return [DEBIAN_ROOT], ""
+    return [Path(os.environ.get("GENAF_SYSTEM_FASHION_MNIST") or DEBIAN_ROOT)], ""
 
 
 def load_fashion_mnist(root: str | os.PathLike | None = None, download: bool = False):
