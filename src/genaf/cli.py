@@ -18,6 +18,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="raise a resource limit for files you trust (repeatable); names: see genaf.limits.LIMITS",
+    )
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -441,9 +448,20 @@ COMMANDS = {
 }
 
 
+def _apply_limits(items: list[str]) -> None:
+    from . import limits
+
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise limits.LimitError(f"--limit takes NAME=VALUE, got '{item}'")
+        limits.set_limit(name.strip().replace("-", "_"), value.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _apply_limits(getattr(args, "limit", None) or [])
         return COMMANDS[args.cmd](args)
     except GenafError as exc:
         if getattr(args, "debug", False):
