@@ -6,7 +6,12 @@ import torch
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`pytest -n 2`, what CI runs) each worker keeps to one intra-op thread: two
+# workers with two threads each would oversubscribe a 2-core machine and slow every step.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,42 @@ def test_kill_then_rerun_gives_the_uninterrupted_results(reference, tmp_path, si
     assert _no_seconds(ja) == _no_seconds(jb)
 
 
+@pytest.mark.slow
+def test_two_shards_in_one_folder_merge_to_the_unsharded_results(reference, tmp_path):
+    """`genaf bench --shard 0/2` and `--shard 1/2` run at the same time into one folder (they share
+    perturbations and per-sample DAE images, made once under a file lock); `genaf report` merges
+    their files into the same results as one unsharded run (apart from the *_seconds columns)."""
+    cfg, ref, _ = reference
+    out = tmp_path / "sharded"
+    cmds = [[sys.executable, "-m", "genaf", "bench", str(cfg), "--out", str(out), "--shard", f"{i}/2"] for i in (0, 1)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), text=True) for c in cmds]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    shard_rows = [json.loads((out / "shards" / f"{i}-of-2.json").read_text())["rows"] for i in (0, 1)]
+    keys = [{tuple(r[k] for k in KEY_COLUMNS) for r in rows} for rows in shard_rows]
+    assert keys[0] and keys[1] and not keys[0] & keys[1], "the shards computed overlapping cells"
+    assert len(keys[0]) + len(keys[1]) == N_ROWS
+    # each perturbation was crafted by one shard only: one "crafting" line per file in both logs
+    crafted = [ln for o, e in outs for ln in (o + e).splitlines() if "bench: crafting " in ln and "->" in ln]
+    assert len(crafted) == len(set(crafted)) == len(list((out / "perturbations").rglob("*.safetensors")))
+    r = subprocess.run(
+        [sys.executable, "-m", "genaf", "report", str(out)], capture_output=True, text=True, env=_env(), timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    a, b = _csv_rows(ref / "results.csv"), _csv_rows(out / "results.csv")
+    assert _no_seconds(a) == _no_seconds(b)
+    assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize("bad", ["2/2", "-1/2", "1", "a/b", "0/0"])
+def test_shard_spec_errors(bad):
+    from genaf.bench import parse_shard
+
+    with pytest.raises(ConfigError, match="--shard takes I/N"):
+        parse_shard(bad)
+
+
 def test_every_shipped_config_resolves_without_running():
     files = sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "paper").glob("*.yaml"))
     names = {f.name for f in files}

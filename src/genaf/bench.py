@@ -63,6 +63,19 @@ the same configuration and output skips the done cells, reloads finished perturb
 models, resumes an interrupted fine-tune from its last epoch checkpoint
 (``genaf.finetune(..., resume=True)``) and gives the same rows as an uninterrupted run.
 A lock file stops two runs from writing into one output folder at once.
+
+Sharding (a SLURM job array, or any scheduler that starts N copies on a shared filesystem).
+``run_bench(..., shard=(I, N))`` (``genaf bench CONFIG --out DIR --shard I/N``, I in 0..N-1)
+runs the units (encoder, dataset, method, seed) whose position in the canonical order is
+I modulo N: a deterministic share, disjoint from every other shard's, so no two workers ever
+fine-tune the same model or compute the same cell. A shard writes its rows to
+``OUT/shards/I-of-N.json`` only; inputs that several units share (a universal perturbation,
+the per-sample DAE images) are made under a per-file lock by whichever shard needs them first
+and read by the others. When a shard finds every cell of the configuration done (it is the
+last to finish), or when ``genaf report OUT`` is run after all shards finished, the shard files
+are merged into ``OUT/results.json`` / ``results.csv`` and the report is written: the same
+files as one unsharded run (apart from the ``*_seconds`` columns). While shards hold the
+folder, an unsharded run or a merge is refused.
 """
 
 from __future__ import annotations
@@ -752,7 +765,14 @@ def read_results(out_dir: str | os.PathLike) -> dict:
     """``results.json`` of a bench folder: ``{"name", "order", "rows"}`` (a bare row list is accepted)."""
     path = Path(out_dir) / "results.json"
     if not path.is_file():
+        if list((Path(out_dir) / "shards").glob("*-of-*.json")):
+            raise ConfigError(f"{path} does not exist yet: {out_dir} holds shard results; merge them with genaf report")
         raise ConfigError(f"{path} does not exist: run genaf bench first")
+    return read_results_file(path)
+
+
+def read_results_file(path: Path) -> dict:
+    """A results file (``results.json`` or a shard's ``shards/I-of-N.json``), checked row by row."""
     try:
         obj = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -789,32 +809,79 @@ def _check_row(r: Any, where: str) -> None:
 
 
 @contextlib.contextmanager
-def _lock(out: Path):
+def _lock(out: Path, shard: tuple[int, int] | None = None):
+    """An unsharded run (or a merge) holds ``OUT/.bench.lock`` exclusively; a shard holds it
+    shared and ``OUT/.bench-shard-I-of-N.lock`` exclusively, so shards run side by side but never
+    beside an unsharded run, a merge, or another copy of the same shard."""
     out.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
         yield
         return
-    fh = open(out / ".bench.lock", "w")
+    handles = []
     try:
+        fh = open(out / ".bench.lock", "w")
+        handles.append(fh)
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, (fcntl.LOCK_SH if shard else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
-            raise ConfigError(
-                f"another genaf bench is writing into {out}; wait for it or choose another --out"
-            ) from exc
+            what = "an unsharded genaf bench or a merge" if shard else "another genaf bench (or a shard of one)"
+            raise ConfigError(f"{what} is writing into {out}; wait for it or choose another --out") from exc
+        if shard:
+            sh = open(out / f".bench-shard-{_shard_tag(shard)}.lock", "w")
+            handles.append(sh)
+            try:
+                fcntl.flock(sh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                raise ConfigError(
+                    f"shard {shard[0]}/{shard[1]} is already running in {out}; each shard index runs once"
+                ) from exc
         yield
     finally:
-        fh.close()
+        for fh in reversed(handles):
+            fh.close()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """A blocking lock beside ``path`` while it is made, so that shards sharing an input (a
+    perturbation, per-sample DAE images) make it once: the others wait, then read the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(path.parent / f".{path.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _shard_tag(shard: tuple[int, int]) -> str:
+    return f"{shard[0]}-of-{shard[1]}"
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``'I/N'`` (I in 0..N-1, e.g. ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``) -> ``(I, N)``."""
+    if text is None:
+        return None
+    i, sep, n = str(text).partition("/")
+    try:
+        shard = (int(i), int(n))
+    except ValueError:
+        shard = None
+    if not sep or shard is None or shard[1] < 1 or not 0 <= shard[0] < shard[1]:
+        raise ConfigError(f"--shard takes I/N with 0 <= I < N (e.g. 0/4 ... 3/4), got '{text}'")
+    return shard
 
 
 # ---------------------------------------------------------------------------- the runner
 class Bench:
-    def __init__(self, cfg: BenchConfig, out: Path, log=print) -> None:
+    def __init__(self, cfg: BenchConfig, out: Path, log=print, shard: tuple[int, int] | None = None) -> None:
         from .utils import resolve_device
 
-        self.cfg, self.out, self.log = cfg, out, log
+        self.cfg, self.out, self.log, self.shard = cfg, out, log, shard
         self.dev = resolve_device(cfg.device)
         self.rows: dict[str, dict] = {}
         self._data: dict = {}
@@ -853,12 +920,16 @@ class Bench:
     # -- results --------------------------------------------------------------
     def load_rows(self, wanted: dict[str, str]) -> None:
         path = self.out / "results.json"
-        if not path.is_file():
+        old = read_results(self.out)["rows"] if path.is_file() else []
+        for f in self.shard_files():
+            old += read_results_file(f)["rows"]
+        if not old:
             return
-        old = read_results(self.out)["rows"]
         kept = dropped = 0
         for r in old:
             k = _row_key(r)
+            if self.shard and k not in wanted:  # another shard's cell
+                continue
             if wanted.get(k) == r.get("fingerprint"):
                 self.rows[k] = r
                 kept += 1
@@ -871,10 +942,18 @@ class Bench:
     def sorted_rows(self) -> list[dict]:
         return sorted(self.rows.values(), key=self._sort_key)
 
+    def shard_files(self) -> list[Path]:
+        return sorted((self.out / "shards").glob("*-of-*.json"))
+
     def save(self) -> None:
         rows = self.sorted_rows()
+        if self.shard:
+            mine = self.shard_cells()
+            rows = [r for r in rows if _row_key(r) in mine]
+        path = self.out / "shards" / f"{_shard_tag(self.shard)}.json" if self.shard else self.out / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_json(
-            self.out / "results.json",
+            path,
             {
                 "format": RESULTS_FORMAT,
                 "version": 1,
@@ -884,7 +963,8 @@ class Bench:
                 "rows": rows,
             },
         )
-        _write_csv(self.out / "results.csv", rows)
+        if not self.shard:
+            _write_csv(self.out / "results.csv", rows)
 
     def record(self, rows: list[dict]) -> None:
         for r in rows:
@@ -1035,14 +1115,25 @@ class Bench:
                     add("self-attack", a.label, e, _hash([run_fp, pfp, "self"]), {"spec": a})
         return cells
 
+    def units(self, shard: tuple[int, int] | None = None) -> list[tuple]:
+        """(seed, encoder, dataset, method) in the canonical order; with ``shard=(I, N)``, every
+        N-th from the I-th (a deterministic share, disjoint from the other shards')."""
+        c = self.cfg
+        units = [(s, e, d, m) for s in c.seeds for e, _ in c.encoders for d in c.datasets for m in c.methods]
+        return units if shard is None else units[shard[0] :: shard[1]]
+
     def all_cells(self) -> dict[str, str]:
         out = {}
-        for seed in self.cfg.seeds:
-            for enc, _ in self.cfg.encoders:
-                for ds in self.cfg.datasets:
-                    for m in self.cfg.methods:
-                        out.update({k: c["fingerprint"] for k, c in self.unit_cells(enc, ds, m, seed).items()})
+        for seed, enc, ds, m in self.units():
+            out.update({k: c["fingerprint"] for k, c in self.unit_cells(enc, ds, m, seed).items()})
         return out
+
+    def shard_cells(self) -> set[str]:
+        if not hasattr(self, "_shard_cells"):
+            self._shard_cells = {
+                k for seed, enc, ds, m in self.units(self.shard) for k in self.unit_cells(enc, ds, m, seed)
+            }
+        return self._shard_cells
 
     # -- perturbations --------------------------------------------------------
     def perturbation(self, encoder, path: Path, a: AttackSpec, eps: float, seed: int):
@@ -1053,31 +1144,34 @@ class Bench:
         if key in self._perts:
             return self._perts[key]
         sur, sur_name = self.surrogate(seed)
-        if path.is_file():
-            pert = Perturbation.load(path)
-        else:
-            self.log(f"bench: crafting {a.label} (ε={eps:.4f}, seed {seed}) -> {path.relative_to(self.out)}")
-            pert = craft(
-                encoder,
-                a.attack,
-                sur,
-                eps,
-                preset=a.preset,
-                seed=seed,
-                surrogate_name=sur_name,
-                device=str(self.dev),
-                out=path,
-                log=None,
-                **a.options,
-            )
-        if not path.with_suffix(".delta.png").is_file():
-            _pictures(pert, sur, path)
+        with _file_lock(path) if self.shard else contextlib.nullcontext():
+            pert = self._load_or_craft(encoder, path, a, eps, seed, sur, sur_name, craft, Perturbation)
+            if not path.with_suffix(".delta.png").is_file():
+                _pictures(pert, sur, path)
         if self.cfg.surrogate["resize"] == "bilinear":
             pert.resize = "bilinear"
         if len(self._perts) >= 64:
             self._perts.clear()
         self._perts[key] = pert
         return pert
+
+    def _load_or_craft(self, encoder, path: Path, a: AttackSpec, eps: float, seed: int, sur, sur_name, craft, cls):
+        if path.is_file():  # made earlier, or by another shard while this one waited for the lock
+            return cls.load(path)
+        self.log(f"bench: crafting {a.label} (ε={eps:.4f}, seed {seed}) -> {path.relative_to(self.out)}")
+        return craft(
+            encoder,
+            a.attack,
+            sur,
+            eps,
+            preset=a.preset,
+            seed=seed,
+            surrogate_name=sur_name,
+            device=str(self.dev),
+            out=path,
+            log=None,
+            **a.options,
+        )
 
     # -- one unit ---------------------------------------------------------------
     def finetune_run(self, run: Path, enc_spec: str, ds: DatasetSpec, method: str, mopts: dict, seed: int, whitebox):
@@ -1190,26 +1284,28 @@ class Bench:
         folder = self.out / "per-sample" / enc / ds.label / a.label
         out = {}
         fn = desc = None
-        for split, images in (("test", dm.test), ("val", dm.val)):
-            path = folder / f"eps{_eps_tag(eps)}-seed{seed}-{fp}-{split}.safetensors"
-            if path.is_file():
-                with safe_open(str(path), framework="pt") as fh:
-                    x = fh.get_tensor("x_adv")
-                    d = json.loads(fh.metadata()["desc"])
+        lock = _file_lock(folder / f"eps{_eps_tag(eps)}-seed{seed}-{fp}") if self.shard else contextlib.nullcontext()
+        with lock:
+            for split, images in (("test", dm.test), ("val", dm.val)):
+                path = folder / f"eps{_eps_tag(eps)}-seed{seed}-{fp}-{split}.safetensors"
+                if path.is_file():
+                    with safe_open(str(path), framework="pt") as fh:
+                        x = fh.get_tensor("x_adv")
+                        d = json.loads(fh.metadata()["desc"])
+                    out[split] = (x, d)
+                    continue
+                if fn is None:
+                    fn, desc = craft_per_sample(
+                        self.encoder(enc), a.attack, preset=a.preset, seed=seed, device=self.dev, eps=eps, **a.options
+                    )
+                    self.log(f"bench: crafting per-sample {a.label} (ε={eps:.4f}, seed {seed}) on the original encoder")
+                t0 = time.time()
+                xs = [fn(x).cpu() for x, _, _ in images.batches(self.cfg.eval["batch_size"], device=self.dev)]
+                x = torch.cat(xs).contiguous()
+                d = {**desc, "seconds": round(time.time() - t0, 2), "images": len(x)}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, lambda tmp, x=x, d=d: save_file({"x_adv": x}, tmp, metadata={"desc": json.dumps(d)}))
                 out[split] = (x, d)
-                continue
-            if fn is None:
-                fn, desc = craft_per_sample(
-                    self.encoder(enc), a.attack, preset=a.preset, seed=seed, device=self.dev, eps=eps, **a.options
-                )
-                self.log(f"bench: crafting per-sample {a.label} (ε={eps:.4f}, seed {seed}) on the original encoder")
-            t0 = time.time()
-            xs = [fn(x).cpu() for x, _, _ in images.batches(self.cfg.eval["batch_size"], device=self.dev)]
-            x = torch.cat(xs).contiguous()
-            d = {**desc, "seconds": round(time.time() - t0, 2), "images": len(x)}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp, x=x, d=d: save_file({"x_adv": x}, tmp, metadata={"desc": json.dumps(d)}))
-            out[split] = (x, d)
         return out
 
     def _row(self, c: dict, metrics: dict, **vals) -> dict:
@@ -1339,10 +1435,10 @@ class Bench:
             self.record(self.evaluate_cells(run, selfc, sperts, dm, metrics, rel))
 
     def run(self) -> None:
-        c = self.cfg
-        units = [(s, e, d, m) for s in c.seeds for e, _ in c.encoders for d in c.datasets for m in c.methods]
+        units = self.units(self.shard)
+        where = f" (shard {self.shard[0]}/{self.shard[1]})" if self.shard else ""
         for i, (seed, enc, ds, m) in enumerate(units, 1):
-            self.unit(enc, ds, m, seed, f"[{i}/{len(units)}] {enc} / {ds.label} / {m.label} / seed {seed}")
+            self.unit(enc, ds, m, seed, f"[{i}/{len(units)}]{where} {enc} / {ds.label} / {m.label} / seed {seed}")
 
 
 def _pictures(pert, images, path: Path) -> None:
@@ -1354,19 +1450,57 @@ def _pictures(pert, images, path: Path) -> None:
             os.replace(p, path.parent / p.name)
 
 
+def merge_shards(out_dir: str | os.PathLike, log=print) -> bool:
+    """Merge ``OUT/shards/*.json`` into ``OUT/results.json`` / ``results.csv`` when together with
+    the rows already there they hold every cell of ``OUT/bench.yaml``; returns whether they did.
+    A folder without shard files is left as it is (True)."""
+    out = Path(out_dir)
+    if not list((out / "shards").glob("*-of-*.json")):
+        return True
+    if not (out / "bench.yaml").is_file():
+        raise ConfigError(f"{out} holds shard results but no bench.yaml: was it written by genaf bench --shard?")
+    with _lock(out):
+        return _merge_locked(out, load_config(out / "bench.yaml"), log)
+
+
+def _merge_locked(out: Path, cfg: BenchConfig, log) -> bool:
+    bench = Bench(cfg, out, log=lambda *_: None)
+    wanted = bench.all_cells()
+    bench.load_rows(wanted)
+    missing = len(wanted) - len(bench.rows)
+    if missing:
+        tags = ", ".join(f.stem for f in bench.shard_files())
+        log(f"bench: {missing} of {len(wanted)} cell(s) not done yet (shard files: {tags}); not merged")
+        return False
+    bench.save()
+    log(f"bench: merged {len(bench.shard_files())} shard file(s) into {out / 'results.json'} ({len(wanted)} rows)")
+    return True
+
+
 def run_bench(
-    config_path_or_dict: str | os.PathLike | dict, out_dir: str | os.PathLike, log=print, device=None
+    config_path_or_dict: str | os.PathLike | dict,
+    out_dir: str | os.PathLike,
+    log=print,
+    device=None,
+    shard: tuple[int, int] | str | None = None,
 ) -> dict:
     """Run (or finish) the experiment matrix of a bench configuration into ``out_dir``.
 
     Returns ``{"rows": [...], "computed": n, "results": path, "report": path}``. Killed and
     started again with the same arguments, it continues where it stopped (module docstring).
+    With ``shard=(I, N)`` (or ``"I/N"``) it runs only its share of the units and writes its rows
+    to ``OUT/shards/I-of-N.json``; the last shard to finish merges (``results`` and ``report``
+    are None until then).
     """
     cfg = load_config(config_path_or_dict)
     if device is not None:
         cfg.device = str(device)
+    if isinstance(shard, str):
+        shard = parse_shard(shard)
     out = Path(out_dir)
     t0 = time.time()
+    if shard:
+        return _run_shard(config_path_or_dict, cfg, out, shard, log, t0)
     with _lock(out):
         if isinstance(config_path_or_dict, dict):
             text = yaml.safe_dump(config_path_or_dict, sort_keys=False)
@@ -1393,4 +1527,54 @@ def run_bench(
     }
 
 
-__all__ = ["run_bench", "load_config", "check_encoder_spec", "read_results", "COLUMNS", "KEY_COLUMNS"]
+def _write_config(config_path_or_dict, cfg: BenchConfig, out: Path) -> None:
+    if isinstance(config_path_or_dict, dict):
+        text = yaml.safe_dump(config_path_or_dict, sort_keys=False)
+    else:
+        text = Path(config_path_or_dict).read_text()
+    old = out / "bench.yaml"
+    if old.is_file() and load_config(old).to_dict() != cfg.to_dict():
+        raise ConfigError(
+            f"{out} holds results of another configuration ({old}); shards of one bench must share one "
+            "configuration: choose another --out"
+        )
+    atomic_write(old, lambda tmp: Path(tmp).write_text(text))
+    write_json(out / "bench-resolved.json", cfg.to_dict())
+
+
+def _run_shard(config_path_or_dict, cfg: BenchConfig, out: Path, shard: tuple[int, int], log, t0: float) -> dict:
+    with _lock(out, shard):
+        _write_config(config_path_or_dict, cfg, out)
+        bench = Bench(cfg, out, log, shard=shard)
+        mine = bench.shard_cells()
+        wanted = {k: v for k, v in bench.all_cells().items() if k in mine}
+        bench.load_rows(wanted)
+        log(f"bench: shard {shard[0]}/{shard[1]}: {len(wanted)} cell(s), {len(wanted) - len(bench.rows)} to do")
+        bench.run()
+        bench.save()
+        rows = bench.sorted_rows()
+    log(f"bench: shard {shard[0]}/{shard[1]} done in {time.time() - t0:.0f} s ({bench.computed} cell(s) computed)")
+    results = report = None
+    try:
+        merged = merge_shards(out, log)
+    except ConfigError:  # another shard still holds the folder: the last one to finish merges
+        merged = False
+    if merged:
+        from .bench_report import build_report
+
+        results, report = str(out / "results.json"), str(build_report(out))
+    else:
+        log(f"bench: when every shard has finished, run: genaf report {out}")
+    return {"rows": rows, "computed": bench.computed, "results": results, "report": report}
+
+
+__all__ = [
+    "run_bench",
+    "merge_shards",
+    "parse_shard",
+    "load_config",
+    "check_encoder_spec",
+    "read_results",
+    "COLUMNS",
+    "KEY_COLUMNS",
+]

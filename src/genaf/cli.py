@@ -191,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="bench YAML file (see genaf.bench and configs/)")
     p.add_argument("--out", required=True, help="output folder (results.csv/json, report.md, runs, perturbations)")
     p.add_argument("--device", default=None, help="overrides the config's device: auto, cpu or cuda")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="run only share I of N (0 <= I < N) of the units, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; "
+        "shards write OUT/shards/I-of-N.json and the last to finish (or genaf report OUT) merges them "
+        "(default: the whole matrix)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("report", help="rebuild report.md and its plots from a bench folder's results.json")
@@ -424,14 +432,22 @@ def cmd_demo(a) -> int:
 def cmd_bench(a) -> int:
     from .bench import run_bench
 
-    res = run_bench(a.config, a.out, device=a.device)
-    print(f"{len(res['rows'])} result rows in {res['results']}; report: {res['report']}")
+    res = run_bench(a.config, a.out, device=a.device, shard=a.shard)
+    if res["results"] is None:
+        print(f"{len(res['rows'])} result rows of this shard in {a.out}/shards; merge with: genaf report {a.out}")
+    else:
+        print(f"{len(res['rows'])} result rows in {res['results']}; report: {res['report']}")
     return 0
 
 
 def cmd_report(a) -> int:
+    from .bench import merge_shards
     from .bench_report import build_report
 
+    if not merge_shards(a.dir):
+        from .errors import ConfigError
+
+        raise ConfigError(f"{a.dir}: some shards have not finished; run genaf report again when they have")
     print(f"report: {build_report(a.dir)}")
     return 0
 
