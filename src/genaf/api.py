@@ -29,7 +29,16 @@ from .evaluation import evaluate_model
 from .methods.base import create_method
 from .models import DownstreamModel, load_model, save_model
 from .train import TrainConfig, Trainer
-from .utils import atomic_write, check_eps, resolve_device, seed_everything, unit_seed, versions, write_json
+from .utils import (
+    atomic_write,
+    check_eps,
+    deterministic_mode,
+    resolve_device,
+    seed_everything,
+    unit_seed,
+    versions,
+    write_json,
+)
 
 __all__ = ["load_encoder", "load_dataset", "load_model", "finetune", "craft", "evaluate", "data_from_config"]
 
@@ -260,23 +269,27 @@ def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, 
     if warn:
         _warn(log, warn)
     t0 = time.time()
-    trainer = Trainer(model, dm, meth, tcfg, out, device, log=log)
-    artifacts = trainer.fit(resume=resume)
-    seconds = time.time() - t0
-    model.to("cpu").to(memory_format=torch.contiguous_format)
-    save_model(model, out)
-    write_json(out / "history.json", trainer.history)
-    for key, setup in artifacts.get("setup", {}).items():
-        if "sensitivity" in setup:
-            write_json(out / "sensitivity.json", {**setup, **artifacts.get("finish", {}).get(key, {})})
-    res = evaluate_model(
-        model.to(device),
-        dm.test,
-        whitebox=cfg["eval"]["whitebox"],
-        device=device,
-        batch_size=cfg["eval"]["batch_size"],
-        seed=cfg["seed"],
-    )
+    with deterministic_mode(tcfg.deterministic) as determinism:
+        trainer = Trainer(model, dm, meth, tcfg, out, device, log=log)
+        artifacts = trainer.fit(resume=resume)
+        seconds = time.time() - t0
+        model.to("cpu").to(memory_format=torch.contiguous_format)
+        save_model(model, out)
+        write_json(out / "history.json", trainer.history)
+        for key, setup in artifacts.get("setup", {}).items():
+            if "sensitivity" in setup:
+                write_json(out / "sensitivity.json", {**setup, **artifacts.get("finish", {}).get(key, {})})
+        res = evaluate_model(
+            model.to(device),
+            dm.test,
+            whitebox=cfg["eval"]["whitebox"],
+            device=device,
+            batch_size=cfg["eval"]["batch_size"],
+            seed=cfg["seed"],
+        )
+    if determinism["nondeterministic_ops"]:
+        _warn(log, "deterministic mode: ops without a deterministic kernel ran: " + "; ".join(
+            determinism["nondeterministic_ops"]))
     metrics = {
         **res["metrics"],
         "method": cfg["method"],
@@ -289,6 +302,7 @@ def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, 
         "selected_epochs": artifacts.get("selected_epoch", {}),
         "budget": trainer.budget(),
         "data": cfg["data_info"],
+        "determinism": determinism,
         "versions": versions(),
     }
     write_json(out / "predictions.json", res["per_sample"])

@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the offline demo: SFT, AT and Gen-AF on Fashion-MNIST against DAEs")
     p.add_argument("--out", default="demo-run")
     p.add_argument("--quick", action="store_true", help="a much smaller setting (smoke test, not the protocol)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels for every fine-tune (see genaf finetune --deterministic; default off)",
+    )
     _common(p)
 
     p = sub.add_parser("finetune", help="fine-tune an encoder on a downstream dataset")
@@ -87,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="any method option")
     p.add_argument("--amp", default=None, choices=["none", "bf16"])
     p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, "
+        "CUBLAS_WORKSPACE_CONFIG): a CUDA run of one seed repeats exactly, somewhat slower; "
+        "recorded in metrics.json (default off)",
+    )
     p.add_argument(
         "--compile",
         default=None,
@@ -235,6 +248,7 @@ def cmd_finetune(a) -> int:
         "amp": a.amp,
         "channels_last": a.channels_last,
         "compile": a.compile,
+        "deterministic": a.deterministic,
     }
     data = {
         "root": a.data_root,
@@ -425,7 +439,7 @@ def cmd_inspect(a) -> int:
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
-    run_demo(a.out, quick=a.quick, device=a.device or "auto", seed=a.seed or 0)
+    run_demo(a.out, quick=a.quick, device=a.device or "auto", seed=a.seed or 0, deterministic=a.deterministic)
     return 0
 
 
@@ -476,6 +490,10 @@ def _apply_limits(items: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "deterministic", None):  # cuBLAS reads it when CUDA starts
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         _apply_limits(getattr(args, "limit", None) or [])
         return COMMANDS[args.cmd](args)

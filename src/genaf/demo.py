@@ -97,7 +97,14 @@ def method_plan(s: dict) -> dict[str, tuple[str, dict]]:
     return plan
 
 
-def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "auto", seed: int = 0, log=print) -> dict:
+def run_demo(
+    out: str | Path = "demo-run",
+    quick: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    log=print,
+    deterministic: bool = False,
+) -> dict:
     t0 = time.time()
     out = Path(out)
     s = SETTINGS["quick" if quick else "full"]
@@ -151,6 +158,7 @@ def run_demo(out: str | Path = "demo-run", quick: bool = False, device: str = "a
                     "n_val_robust": s["n_val_robust"],
                     "device": str(dev),
                     "val_steps": s["attack_steps"],
+                    "deterministic": deterministic,
                 },
                 data={"n_train": s["n_train"], "n_val": s["n_val"], "n_test": s["n_test"]},
                 datamodule=data,

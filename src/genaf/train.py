@@ -89,6 +89,9 @@ class TrainConfig:
     # keep checkpoint.pt once the run has finished and its model and metrics are written
     # (it holds the full training state: the stage-1 snapshot, the reference encoder, ...)
     keep_checkpoint: bool = False
+    # deterministic kernels (genaf.utils.deterministic_mode): CUDA runs of one seed then repeat
+    # exactly, at some cost in speed; the ops that have no deterministic kernel are recorded
+    deterministic: bool = False
     n_val_robust: int = 512  # validation images attacked each epoch for model selection
     val_eps: float = 8 / 255
     val_step: float = 2 / 255

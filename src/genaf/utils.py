@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -42,6 +43,48 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """Deterministic kernels for the duration (``train: {deterministic: true}``, ``--deterministic``).
+
+    On: ``torch.use_deterministic_algorithms(True, warn_only=True)``, cuDNN deterministic with
+    its autotuner off, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS's deterministic workspace;
+    it must be set before CUDA starts, so the CLI sets it at start-up too). An op that has no
+    deterministic implementation still runs, and torch's warning about it is collected: the
+    yielded dict's ``nondeterministic_ops`` lists them (recorded in ``metrics.json`` as
+    ``determinism``), so a run that could not be made reproducible says why. Off: nothing changes.
+    The previous settings are restored on exit."""
+    import warnings
+
+    info: dict = {"deterministic": bool(on), "nondeterministic_ops": []}
+    if not on:
+        yield info
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    info["cublas_workspace_config"] = os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield info
+        for w in caught:
+            text = str(w.message)
+            if "deterministic" in text and text not in info["nondeterministic_ops"]:
+                info["nondeterministic_ops"].append(text.splitlines()[0])
+            elif "deterministic" not in text:  # hand the others on as they came
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
