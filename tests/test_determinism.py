@@ -49,7 +49,7 @@ def test_deterministic_mode_is_recorded_and_restored(tmp_path, tiny_data):
         "fashion-mnist",
         "sft",
         tmp_path / "det",
-        method_config={"epochs": 1, "warmup_epochs": 0},
+        method_config={"epochs": 1},
         train={"batch_size": 64, "progress": False, "n_val_robust": 32, "device": "cpu", "deterministic": True},
         datamodule=tiny_data,
         log=lambda *a: None,
