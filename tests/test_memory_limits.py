@@ -125,6 +125,29 @@ def _declared_storage_file(dst: Path, numel: int) -> None:
     _write_zip(dst, entries)
 
 
+def _legacy_declared_storage_file(dst: Path, numel: int) -> None:
+    """torch's pre-1.6 format (five pickles, then raw storages) whose storage declares ``numel``
+    floats and holds one: torch's legacy loader allocates the declared size before reading."""
+    import io
+    import pickle
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is _STORAGE:
+                return ("storage", torch.FloatStorage, "0", "cpu", numel, None)
+            return None
+
+    buf = io.BytesIO()
+    pickle.dump(0x1950A86A20F9469CFC6C, buf, protocol=2)
+    pickle.dump(1001, buf, protocol=2)
+    pickle.dump({"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+                buf, protocol=2)  # fmt: skip
+    P(buf, protocol=2).dump({"w": _HugeTensor()})
+    pickle.dump(["0"], buf, protocol=2)
+    buf.write(struct.pack("<q", 1) + bytes(4))
+    dst.write_bytes(buf.getvalue())
+
+
 def _backbone_state(width: int, stem: str = "cifar") -> dict[str, torch.Tensor]:
     from genaf.encoders.resnet import ResNetBackbone
 
@@ -254,6 +277,8 @@ def _cases(d: Path) -> list[tuple[str, str, list[str], dict, tuple[str, str]]]:
          g + ["inspect", f"torchvision:resnet18:{d / 'bytearray.pt'}"], {}, ("refused", "max_file_expansion")),
         ("torch-declared-storage", "1 KB torch file whose one storage declares 1.4 GB (holds 4 bytes)",
          g + ["inspect", f"file:{d / 'storage.pt'}"], {}, ("refused", "max_file_expansion")),
+        ("legacy-declared-storage", "1 KB legacy (pre-1.6) torch file whose storage declares 1.4 GB",
+         g + ["inspect", f"torchvision:resnet18:{d / 'legacy.pt'}"], {}, ("refused", "max_file_expansion")),
         ("zip-bomb", "1.4 MB Lightning file whose deflated storage record inflates to 1.4 GB (restricted reader)",
          g + ["inspect", f"solo:{d / 'bomb.ckpt'}"], {}, ("refused", "max_file_expansion")),
         ("wide-metadata", "260-byte genaf encoder file whose metadata says width: 4096",
@@ -316,6 +341,7 @@ def outcomes(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile")
     torch.save({"x": Payload(bytearray, 1_400_000_000)}, d / "bytearray.pt")
     _declared_storage_file(d / "storage.pt", 350_000_000)
+    _legacy_declared_storage_file(d / "legacy.pt", 350_000_000)
     small = d / "small.ckpt"
     torch.save({"state_dict": {"backbone.w": torch.ones(4)}, "hyper_parameters": argparse.Namespace(a=1)}, small)
     _zip_bomb(small, d / "bomb.ckpt", 1_400_000_000)
@@ -363,6 +389,7 @@ def _write_fragment(results, tmp: Path) -> None:
 HOSTILE = [
     "torch-bytearray",
     "torch-declared-storage",
+    "legacy-declared-storage",
     "zip-bomb",
     "wide-metadata",
     "stride0",
