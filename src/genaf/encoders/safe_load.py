@@ -15,14 +15,15 @@ never returns a real callable except
 
 - genaf's own tensor rebuilders (defined below; they only reinterpret bytes read from the
   archive as a tensor),
-- harmless constructors of plain values (``dict``, ``list``, ``tuple``, ``set``, ``frozenset``,
-  ``int``, ``float``, ``complex``, ``str``, ``bool``, ``slice``, ``collections.OrderedDict``,
-  ``defaultdict``, ``deque``; ``bytes``, ``bytearray`` and ``range`` through size-checked
-  wrappers), and
-- inert torch values: dtypes, layouts, memory formats, ``torch.Size`` and ``torch.device``.
+- constructors of plain values (``dict``, ``list``, ``tuple``, ``set``, ``frozenset``, ``int``,
+  ``float``, ``complex``, ``str``, ``bool``, ``slice``, ``bytes``, ``bytearray``, ``range``,
+  ``collections.OrderedDict``, ``defaultdict``, ``deque``, ``torch.Size``), each behind a wrapper
+  that charges what it would copy or allocate to the file's memory budget before calling the real
+  type (``str`` only converts numbers and text), and
+- inert torch values: dtypes, layouts, memory formats and ``torch.device``.
 
-The classes among these are immutable C types, and genaf's own helper objects refuse ``BUILD``,
-so the pickle cannot patch them. Globals from modules that can run code (``os``/``posix``,
+These wrappers and genaf's other helper objects refuse ``BUILD``, so the pickle cannot patch them.
+Globals from modules that can run code (``os``/``posix``,
 ``subprocess``, ``builtins.exec``/``eval``/``getattr``/``__import__``/``open``, ``importlib``,
 ``pickle``, ``operator``, ``types``, ``torch.load``, ``torch.hub``, ``numpy.load`` ...) raise
 :class:`~genaf.errors.CheckpointError` naming the global, so a booby-trapped file is reported
