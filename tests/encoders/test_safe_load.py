@@ -534,3 +534,27 @@ def test_placeholder_outcomes_are_recorded_for_the_reliability_table(tmp_path):
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, rows)
     assert [r for r in rows if r["outcome"] == "failed"] == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["list(range(10**7))", "10000 copies of one list", "bytes(10**7)", "str of a nested list"],
+)
+def test_values_the_pickle_builds_by_calls_are_charged_to_the_file(tmp_path, name):
+    """A few bytes of pickle can ask for big values (constructors, copies of one container many
+    times): each call is charged, before it runs, against max_file_expansion x the size on disk."""
+    shared = list(range(1000))
+    nested = [shared]
+    for _ in range(40):  # repr of this doubles 40 times: the reader refuses to convert it to text
+        nested = [nested, nested]
+    values = {
+        "list(range(10**7))": Payload(list, range(10**7)),
+        "10000 copies of one list": [Payload(tuple, shared) for _ in range(10000)],
+        "bytes(10**7)": Payload(bytes, 10**7),
+        "str of a nested list": Payload(str, nested),
+    }
+    ckpt = tmp_path / "amplify.ckpt"
+    torch.save({"w": torch.ones(2), "ns": argparse.Namespace(), "x": values[name]}, ckpt)
+    error = CheckpointError if name.startswith("str") else LimitError
+    with pytest.raises(error, match="converts a list to text" if name.startswith("str") else "max_file_expansion"):
+        read_checkpoint(ckpt)
