@@ -18,6 +18,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _limit_arg(p)
+
+
+def _limit_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--limit",
         action="append",
@@ -213,15 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the whole matrix)",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _limit_arg(p)
 
     p = sub.add_parser("report", help="rebuild report.md and its plots from a bench folder's results.json")
     p.add_argument("dir", help="bench output folder")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _limit_arg(p)
 
     p = sub.add_parser("inspect", help="print what an encoder spec loads")
     p.add_argument("spec")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
+    _limit_arg(p)
     return ap
 
 
@@ -494,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import warnings
+
+    # One line per warning (e.g. the placeholders a checkpoint was read with), like errors.
+    warnings.formatwarning = lambda msg, cat, *_a, **_k: f"genaf {args.cmd}: warning: {msg}\n"
     try:
         _apply_limits(getattr(args, "limit", None) or [])
         return COMMANDS[args.cmd](args)

@@ -95,3 +95,16 @@ def check(name: str, value: float, what: str) -> None:
             f"{what} claims {int(value):,} {unit}, more than the limit {name} = {lim:,} {unit} "
             f"({LIMITS[name].help}); {how_to_raise(name)}"
         )
+
+
+def check_expansion(declared: float, on_disk: int, what: str) -> None:
+    """Per-file rule: what ``what`` declares (or inflates to) stays within ``max_file_bytes`` and
+    ``max_file_expansion`` × its size on disk (an uncompressed weight file declares about its own size)."""
+    factor = get("max_file_expansion")
+    if declared > factor * max(int(on_disk), 0):
+        raise LimitError(
+            f"{what} claims {int(declared):,} bytes from {int(on_disk):,} bytes on disk, more than the limit "
+            f"max_file_expansion = {factor} × its size ({LIMITS['max_file_expansion'].help}); "
+            f"{how_to_raise('max_file_expansion')}"
+        )
+    check("max_file_bytes", declared, what)

@@ -75,12 +75,37 @@ def save_model(model: DownstreamModel, run_dir: str | os.PathLike) -> None:
     write_json(run_dir / "model.json", model.spec())
 
 
-def build_model(spec: dict) -> DownstreamModel:
-    if spec.get("format") != "genaf-model":
-        raise CheckpointError("model.json is not a genaf model description (format != 'genaf-model')")
+def build_model(spec: dict, on_disk: int | None = None, what: str = "model.json") -> DownstreamModel:
+    """Rebuild the module ``spec`` describes; its size is checked first (see ``check_model_spec``)."""
+    check_model_spec(spec, what, on_disk)
     enc_meta = spec["encoder"]
     enc = Encoder(build_backbone(enc_meta), enc_meta)
     return DownstreamModel(enc, spec["num_classes"], spec.get("head", "mlp"), spec.get("dropout", 0.2))
+
+
+def check_model_spec(spec: dict, what: str, on_disk: int | None = None) -> None:
+    """Check a model description before building it: its class count against ``max_num_classes``,
+    the encoder's width against ``max_width``, and the whole network (built on the meta device,
+    which costs no memory) against the weight file's size (``on_disk`` bytes)."""
+    from . import limits
+    from .encoders.resnet import check_backbone, check_module_bytes
+
+    if not isinstance(spec, dict) or spec.get("format") != "genaf-model":
+        raise CheckpointError(f"{what} is not a genaf model description (format != 'genaf-model')")
+    n = spec.get("num_classes")
+    if isinstance(n, (int, float)) and not isinstance(n, bool):
+        limits.check("max_num_classes", n, f"{what}: num_classes")
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) or n < 2:
+        raise CheckpointError(f"{what}: num_classes must be a whole number >= 2, got {n!r}")
+    spec["num_classes"] = int(n)
+    if not isinstance(spec.get("encoder"), dict):
+        raise CheckpointError(f"{what}: 'encoder' must be an object describing the encoder")
+    check_backbone(spec["encoder"], what, on_disk)
+    enc_meta = spec["encoder"]
+    with torch.device("meta"):
+        enc = Encoder(build_backbone(enc_meta), enc_meta)
+        model = DownstreamModel(enc, spec["num_classes"], spec.get("head", "mlp"), spec.get("dropout", 0.2))
+    check_module_bytes(model, what, on_disk)
 
 
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DownstreamModel:
@@ -94,12 +119,18 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -
             f"{run_dir} holds no finished model (model.json and model.safetensors); "
             "did the run finish? resume it with --resume"
         )
+    from .encoders.safe_load import check_safetensors
+
     try:
         spec = json.loads(mj.read_text())
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the model in {run_dir}: {exc}") from exc
+    check_safetensors(ms, "model weights")
+    model = build_model(spec, ms.stat().st_size, str(mj))  # checked before anything is allocated
+    try:
         state = load_file(str(ms))
     except Exception as exc:
         raise CheckpointError(f"cannot read the model in {run_dir}: {exc}") from exc
-    model = build_model(spec)
     load_state_strict(model, state, f"{ms}")
     return model.to(device).eval()
 

@@ -264,8 +264,10 @@ class Trainer:
         path = self._ckpt_path()
         if not path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {path}; start without --resume")
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        from .encoders.safe_load import load_weights_only
+
+        try:  # what the file would allocate is checked before torch.load runs
+            state = load_weights_only(path, "checkpoint")
         except Exception as exc:
             raise CheckpointError(f"--resume: cannot read {path} safely ({first_line(exc)})") from exc
         if not isinstance(state, dict) or state.get("format") != "genaf-checkpoint":

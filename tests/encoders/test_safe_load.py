@@ -28,12 +28,14 @@ from enc_helpers import rewrite_zip, zip_prefix
 from genaf.encoders import load_encoder
 from genaf.encoders.safe_load import (
     InertGlobal,
+    PlaceholderWarning,
     extract_state_dict,
     key_prefixes,
     read_checkpoint,
     tensor_dict,
 )
 from genaf.errors import CheckpointError
+from genaf.limits import LimitError
 
 
 class Payload:
@@ -77,13 +79,15 @@ def _small_state() -> dict[str, torch.Tensor]:
 def _write(path: Path, payload: Payload, where: str) -> Path:
     if where == "in_state_dict":
         obj = {"state_dict": {**_small_state(), "backbone.evil": payload}}
+    elif where == "lr_schedulers":  # an ignored part, next to a harmless partial(max, 0.0)
+        obj = _lightning(lr_lambdas=[functools.partial(max, 0.0), payload])
     else:  # deep inside other Lightning-style entries
         obj = {"state_dict": _small_state(), "hyper_parameters": {"a": [{"b": (1, payload)}]}, "epoch": 3}
     torch.save(obj, path)
     return path
 
 
-@pytest.mark.parametrize("where", ["in_state_dict", "nested"])
+@pytest.mark.parametrize("where", ["in_state_dict", "nested", "lr_schedulers"])
 @pytest.mark.parametrize("name", PAYLOADS)
 def test_code_in_the_pickle_is_refused_and_never_runs(tmp_path, name, where):
     marker = tmp_path / "pwned"
@@ -142,7 +146,7 @@ def test_other_dangerous_globals_are_refused(tmp_path, func):
 def test_oversized_constructor_is_refused(tmp_path):
     ckpt = tmp_path / "bomb.pt"
     torch.save({"w": torch.ones(2), "x": Payload(bytes, 2**62)}, ckpt)
-    with pytest.raises(CheckpointError, match="allocate"):
+    with pytest.raises(LimitError, match=r"bytes\(4,611,686,018,427,387,904\) built by the pickle.*max_file_expansion"):
         read_checkpoint(ckpt)
 
 
@@ -348,3 +352,209 @@ def test_globals_other_libraries_allow_in_torch_load_are_not_trusted(tmp_path):
         assert isinstance(torch.load(ckpt, weights_only=True)["ns"], argparse.Namespace)
         out = read_checkpoint(ckpt)
     assert isinstance(out["ns"], InertGlobal) and out["ns"].state == {"a": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Parts genaf never uses are read into inert placeholders (issue 18, part 9)
+# --------------------------------------------------------------------------------------------
+
+
+def _lightning(lr_lambdas=None, **extra) -> dict:
+    """A real-shaped Lightning checkpoint: backbone + projector tensors, SGD state, a LambdaLR's
+    state whose lambda is ``functools.partial(max, 0.0)``, callbacks and hyper-parameters."""
+    from genaf.encoders.resnet import ResNetBackbone
+
+    torch.manual_seed(0)
+    backbone = ResNetBackbone("resnet18", width=4, stem="cifar").state_dict()
+    state = {f"backbone.{k}": v for k, v in backbone.items()}
+    state["projector.0.weight"] = torch.randn(8, 32)
+    params = [torch.nn.Parameter(v.clone()) for v in state.values() if v.is_floating_point()]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=functools.partial(max, 0.0))
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    sched.step()
+    sched_state = sched.state_dict()
+    # LambdaLR keeps a callable object's __dict__; a checkpoint written by a patched scheduler or
+    # by Lightning's own config keeps the callable itself, which is what genaf must tolerate.
+    sched_state["lr_lambdas"] = lr_lambdas if lr_lambdas is not None else [functools.partial(max, 0.0)]
+    return {
+        "epoch": 7,
+        "global_step": 700,
+        "pytorch-lightning_version": "2.2.1",
+        "state_dict": state,
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [sched_state],
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'val_acc', 'mode': 'max'}": {
+                "best_model_path": Path("/ckpts/best.ckpt"),
+                "kth_value": torch.tensor(float("inf")),
+                "dirpath": Path("/ckpts"),
+            },
+            "EarlyStopping": {"wait_count": 0, "min_delta": abs(-0.0), "key": functools.partial(min, 1)},
+        },
+        "hyper_parameters": {
+            "cfg": argparse.Namespace(method="simclr", lr=0.1, warmup=functools.partial(max, 0.0)),
+            "sort": sorted,
+        },
+        **extra,
+    }
+
+
+def test_a_real_lightning_checkpoint_loads_with_its_unused_parts_stubbed(tmp_path):
+    obj = _lightning()
+    ckpt = tmp_path / "simclr-epoch=7.ckpt"
+    torch.save(obj, ckpt)
+
+    with pytest.warns(PlaceholderWarning) as record:
+        out = read_checkpoint(ckpt)
+
+    msg = str(record[0].message)
+    for name in ("builtins.max", "builtins.min", "builtins.sorted", "functools.partial", "argparse.Namespace"):
+        assert name in msg, msg
+    assert "under lr_schedulers, callbacks, hyper_parameters" in msg
+    # the tensors are exact; the stubbed callables are inert records, never called
+    for k, v in obj["state_dict"].items():
+        assert torch.equal(out["state_dict"][k], v), k
+    assert torch.equal(
+        out["optimizer_states"][0]["state"][0]["momentum_buffer"],
+        obj["optimizer_states"][0]["state"][0]["momentum_buffer"],
+    )
+    lam = out["lr_schedulers"][0]["lr_lambdas"][0]
+    assert isinstance(lam, InertGlobal) and lam.global_name == "functools.partial" and not callable(lam)
+    assert lam.args[0].__name__ == "max" and lam.args[0].global_name == "builtins.max"
+    assert out["hyper_parameters"]["cfg"].state["lr"] == 0.1
+    assert out["lr_schedulers"][0]["last_epoch"] == 1
+
+    with pytest.warns(PlaceholderWarning, match="builtins.max"):
+        enc = load_encoder(f"solo:{ckpt}")
+    assert torch.equal(enc.backbone.conv1.weight, obj["state_dict"]["backbone.conv1.weight"])
+
+
+def test_a_placeholder_inside_the_state_dict_is_refused(tmp_path):
+    ckpt = tmp_path / "odd.ckpt"
+    obj = _lightning()
+    obj["state_dict"]["backbone.fc.scale"] = functools.partial(max, 0.0)
+    torch.save(obj, ckpt)
+    with pytest.raises(
+        CheckpointError, match=r"state dict entries backbone\.fc\.scale are not tensors but functools\.partial"
+    ):
+        load_encoder(f"solo:{ckpt}")
+
+
+CODE = {
+    "partial(os.system) in lr_lambdas": ("lr_schedulers", lambda m: functools.partial(os.system, f"touch {m}")),
+    "builtins.eval in callbacks": ("callbacks", lambda m: Payload(builtins.eval, f"open({str(m)!r}, 'w')")),
+    "builtins.exec in hyper_parameters": (
+        "hyper_parameters",
+        lambda m: Payload(builtins.exec, f"open({str(m)!r}, 'w')"),
+    ),
+    "builtins.__import__ in optimizer_states": ("optimizer_states", lambda m: Payload(builtins.__import__, "os")),
+    "builtins.getattr in callbacks": ("callbacks", lambda m: Payload(builtins.getattr, "genaf", "upper")),
+    "subprocess.Popen in hyper_parameters": (
+        "hyper_parameters",
+        lambda m: Payload(subprocess.Popen, ["touch", str(m)]),
+    ),
+    "os.system in the state dict": ("state_dict", lambda m: Payload(os.system, f"touch {m}")),
+}
+
+
+def _plant(obj: dict, part: str, evil) -> dict:
+    if part == "lr_schedulers":
+        obj[part][0]["lr_lambdas"].append(evil)
+    elif part == "optimizer_states":
+        obj[part][0]["param_groups"][0]["foreach"] = evil
+    elif part == "state_dict":
+        obj[part]["backbone.evil"] = evil
+    elif part == "callbacks":
+        obj[part]["EarlyStopping"]["check"] = evil
+    else:
+        obj[part]["extra"] = [evil]
+    return obj
+
+
+@pytest.mark.parametrize("name", list(CODE))
+def test_code_anywhere_in_a_real_shaped_checkpoint_is_refused_by_name(tmp_path, name):
+    marker = tmp_path / "pwned"
+    part, make = CODE[name]
+    evil = make(marker)
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save(_plant(_lightning(), part, evil), ckpt)
+    func = evil.func if isinstance(evil, (Payload, functools.partial)) else evil
+    for call in (lambda: read_checkpoint(ckpt), lambda: load_encoder(f"solo:{ckpt}")):
+        with pytest.raises(CheckpointError, match=f"it references {_qualified(func)}, which could run code"):
+            call()
+    assert not marker.exists()
+
+
+def test_placeholder_outcomes_are_recorded_for_the_reliability_table(tmp_path):
+    """Runs every part-9 input once more and writes docs/reliability/placeholders.json."""
+    from genaf.utils import write_json
+
+    section = "9. A real checkpoint refused for a part genaf never uses"
+    rows = []
+
+    def record(desc: str, obj: dict, expect: str) -> None:
+        ckpt = tmp_path / f"case{len(rows)}.ckpt"
+        torch.save(obj, ckpt)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                load_encoder(f"solo:{ckpt}")
+                got = "loaded with a warning" if caught else "loaded without a warning"
+                message = str(caught[0].message) if caught else ""
+            except CheckpointError as exc:
+                got, message = "refused by name", str(exc)
+        outcome = got if got == expect else "failed"
+        rows.append(
+            {"section": section, "input": desc, "outcome": outcome, "message": message.replace(str(tmp_path), "<tmp>")}
+        )
+
+    record(
+        "Lightning checkpoint: LambdaLR with functools.partial(max, 0.0), callbacks, Namespace hyper-parameters",
+        _lightning(),
+        "loaded with a warning",
+    )
+    record(
+        "the same with lr_lambdas = [None]: builtins.max/min/sorted only in callbacks and hyper-parameters",
+        _lightning(lr_lambdas=[None]),
+        "loaded with a warning",
+    )
+    marker = tmp_path / "pwned"
+    for name, (part, make) in CODE.items():
+        record(name, _plant(_lightning(), part, make(marker)), "refused by name")
+    obj = _lightning()
+    obj["state_dict"]["backbone.fc.scale"] = functools.partial(max, 0.0)
+    record("functools.partial(max, 0.0) as a state dict entry (a tensor genaf reads)", obj, "refused by name")
+    assert not marker.exists()
+
+    out = Path(__file__).resolve().parents[2] / "docs" / "reliability" / "placeholders.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, rows)
+    assert [r for r in rows if r["outcome"] == "failed"] == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["list(range(10**7))", "10000 copies of one list", "bytes(10**7)", "str of a nested list"],
+)
+def test_values_the_pickle_builds_by_calls_are_charged_to_the_file(tmp_path, name):
+    """A few bytes of pickle can ask for big values (constructors, copies of one container many
+    times): each call is charged, before it runs, against max_file_expansion x the size on disk."""
+    shared = list(range(1000))
+    nested = [shared]
+    for _ in range(40):  # repr of this doubles 40 times: the reader refuses to convert it to text
+        nested = [nested, nested]
+    values = {
+        "list(range(10**7))": Payload(list, range(10**7)),
+        "10000 copies of one list": [Payload(tuple, shared) for _ in range(10000)],
+        "bytes(10**7)": Payload(bytes, 10**7),
+        "str of a nested list": Payload(str, nested),
+    }
+    ckpt = tmp_path / "amplify.ckpt"
+    torch.save({"w": torch.ones(2), "ns": argparse.Namespace(), "x": values[name]}, ckpt)
+    error = CheckpointError if name.startswith("str") else LimitError
+    with pytest.raises(error, match="converts a list to text" if name.startswith("str") else "max_file_expansion"):
+        read_checkpoint(ckpt)

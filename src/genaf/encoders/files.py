@@ -6,6 +6,12 @@ Two containers, same content:
   under the header key ``genaf_encoder``.
 - ``.pt``: ``{"format": "genaf-encoder", "version": 1, "meta": {...}, "state_dict": {...}}``,
   read with ``torch.load(weights_only=True)`` (nothing but tensors and plain containers).
+
+Both are checked before anything is allocated: the header's declared sizes against the file
+(:func:`~genaf.encoders.safe_load.check_safetensors`, :func:`~genaf.encoders.safe_load.load_weights_only`),
+and the network the metadata describes (width, parameter count) against the limits and the file's
+size (:func:`~genaf.encoders.resnet.check_backbone`), so a tiny file cannot make genaf build a huge
+network.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 from ..utils import atomic_write
 from .base import Encoder, encoder_from_state
+from .resnet import check_backbone
+from .safe_load import check_safetensors, load_weights_only
 
 FORMAT = "genaf-encoder"
 REQUIRED_META = ("arch", "mean", "std")
@@ -44,27 +52,28 @@ def read_encoder_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     if not path.is_file():
         raise CheckpointError(f"encoder file {path} does not exist")
     if path.suffix == ".safetensors":
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as fh:
-                header = fh.metadata() or {}
-            state = load_file(str(path))
-        except Exception as exc:  # safetensors raises several types for corrupt files
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+        header = check_safetensors(path, "encoder file")
         if "genaf_encoder" not in header:
             raise CheckpointError(
                 f"{path} has no 'genaf_encoder' metadata: it is not a genaf encoder file "
                 "(for a torchvision state dict use torchvision:ARCH:PATH)"
             )
-        meta = json.loads(header["genaf_encoder"])
-    else:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(
-                f"{path} could not be read as a genaf encoder file with weights_only=True ({_first_line(exc)})"
-            ) from exc
+            meta = json.loads(header["genaf_encoder"])
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: its 'genaf_encoder' metadata is not JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: its 'genaf_encoder' metadata is not a JSON object")
+        # The network the metadata describes is checked before any weight is read.
+        missing = [k for k in REQUIRED_META if k not in meta]
+        if not missing:
+            check_backbone(meta, f"encoder file {path}", path.stat().st_size)
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+    else:
+        obj = load_weights_only(path, "genaf encoder file")
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
             raise CheckpointError(
@@ -72,6 +81,8 @@ def read_encoder_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
                 "use solo:PATH for solo-learn checkpoints or torchvision:ARCH:PATH for torchvision weights"
             )
         meta, state = obj["meta"], obj["state_dict"]
+        if not isinstance(meta, dict) or not isinstance(state, dict):
+            raise CheckpointError(f"{path}: 'meta' and 'state_dict' must be dictionaries")
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise CheckpointError(f"{path} metadata lacks {missing}")
@@ -84,6 +95,7 @@ def read_encoder_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
 def load_encoder_file(path: str | os.PathLike) -> Encoder:
     meta, state = read_encoder_file(path)
     meta = dict(meta, source=f"file:{path}")
+    check_backbone(meta, f"encoder file {path}", Path(path).stat().st_size)
     return encoder_from_state(meta, state, f"encoder file {path}")
 
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from ..errors import SpecError
+from .. import limits
+from ..errors import CheckpointError, SpecError
 
 ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
@@ -103,3 +104,43 @@ def build_backbone(meta: dict) -> ResNetBackbone:
         stem_padding=meta.get("stem_padding"),
         in_chans=int(meta.get("in_chans", 3)),
     )
+
+
+def _small_int(meta: dict, key: str, default: int, lo: int, what: str) -> int:
+    value = meta.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < lo:
+        raise CheckpointError(f"{what}: '{key}' must be a whole number >= {lo}, got {value!r}")
+    return int(value)
+
+
+def check_backbone(meta: dict, what: str, on_disk: int | None = None) -> int:
+    """Check an encoder description before building it; returns its parameter bytes (float32).
+
+    ``width`` and ``in_chans`` are checked against ``max_width``; the network is then built on
+    the meta device (no memory), and its size checked against ``max_file_bytes`` and, when the
+    weights come from a file of ``on_disk`` bytes, ``max_file_expansion`` × that size: a file
+    cannot fill a network larger than what it holds.
+    """
+    width = _small_int(meta, "width", 64, 1, what)
+    limits.check("max_width", width, f"{what}: encoder width")
+    limits.check("max_width", _small_int(meta, "in_chans", 3, 1, what), f"{what}: encoder input channels")
+    padding = _small_int(meta, "stem_padding", 0, 0, what)
+    if padding > 16:
+        raise CheckpointError(f"{what}: stem_padding {padding} is not a ResNet stem (expected 1-3)")
+    with torch.device("meta"):
+        module = build_backbone(meta)
+    return check_module_bytes(module, what, on_disk)
+
+
+def check_module_bytes(module: nn.Module, what: str, on_disk: int | None = None) -> int:
+    """Bytes of ``module``'s state (float32) against ``max_file_bytes`` and the file's size."""
+    nbytes = sum(t.numel() * 4 for t in module.state_dict().values())
+    arch = getattr(module, "arch", type(module).__name__)
+    desc = f"{what}: a {arch} of {nbytes // 4:,} parameters"
+    if on_disk is None:
+        limits.check("max_file_bytes", nbytes, desc)
+    else:
+        limits.check_expansion(nbytes, on_disk, desc)
+    return nbytes

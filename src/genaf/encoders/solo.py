@@ -30,7 +30,7 @@ import torch
 
 from ..errors import CheckpointError
 from .base import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD, Encoder, encoder_from_state
-from .resnet import ARCHS
+from .resnet import ARCHS, check_backbone
 from .safe_load import extract_state_dict, read_checkpoint, tensor_dict
 
 CIFAR_DATASETS = ("cifar10", "cifar100")
@@ -50,6 +50,7 @@ def load_solo_encoder(path: str | os.PathLike) -> Encoder:
     args = read_solo_args(path.parent / "args.json")
     meta = solo_meta(backbone, args, what)
     meta["source"] = f"solo:{path}"
+    check_backbone(meta, what, path.stat().st_size)
     return encoder_from_state(meta, backbone, f"{what} ('{prefix}*' weights)").eval()
 
 

@@ -16,8 +16,8 @@ import torch
 
 from ..errors import CheckpointError, unknown
 from .base import IMAGENET_MEAN, IMAGENET_STD, Encoder, encoder_from_state
-from .resnet import ARCHS
-from .safe_load import read_checkpoint, tensor_dict
+from .resnet import ARCHS, check_backbone
+from .safe_load import check_safetensors, read_checkpoint, tensor_dict
 
 __all__ = ["load_torchvision_encoder", "read_state_file"]
 
@@ -59,6 +59,7 @@ def load_torchvision_encoder(arch: str, path: str | os.PathLike) -> Encoder:
         "pretrain_dataset": "imagenet",
         "source": f"torchvision:{arch}:{path}",
     }
+    check_backbone(meta, what, path.stat().st_size)
     return encoder_from_state(meta, state, what).eval()
 
 
@@ -70,6 +71,7 @@ def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        check_safetensors(path, "weights file")
         try:
             return dict(load_file(str(path)))
         except Exception as exc:  # safetensors raises several types for corrupt files
