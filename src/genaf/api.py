@@ -134,7 +134,7 @@ def finetune(
     dm = datamodule if datamodule is not None else data_from_config(cfg)
     check_image_size(enc.meta, dm.image_size)
     cfg["data_info"] = dm.info
-    cfg["encoder_files"] = enc.meta.get("source_files", [])
+    cfg["encoder_files"] = list(getattr(enc, "source_files", []))
     if saved is not None:
         check_same_data(saved, cfg, out)
         check_same_encoder_files(saved, cfg, out)

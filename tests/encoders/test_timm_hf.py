@@ -274,3 +274,20 @@ def test_resume_refuses_a_changed_encoder_file(tmp_path):
     with pytest.raises(CheckpointError, match="changed since the run started") as e:
         check_same_encoder_files(saved, {"encoder_files": [{"path": "/w.safetensors", "sha256": "b" * 64}]}, tmp_path)
     assert "a" * 64 in str(e.value) and "b" * 64 in str(e.value)
+
+
+def test_pth_through_the_safe_reader(files, tmp_path):
+    """A wrapped torch.save checkpoint in the original layout (an extra mask_token, a classifier
+    head): read without unpickling code, converted by timm's filter, the head reported."""
+    model = files["timm-vit"][0]
+    state = dict(model.state_dict())
+    state["mask_token"] = torch.zeros(1, model.embed_dim)
+    state["head.weight"], state["head.bias"] = torch.zeros(10, model.embed_dim), torch.zeros(10)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": state, "epoch": 3}, path)
+    enc = load_encoder(f"timm:test_vit:{path}")
+    assert enc.meta["keys"]["unexpected"] == ["head.weight", "head.bias"]
+    assert "checkpoint_filter_fn" in enc.meta["keys"]["note"]
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(enc(x), model(_norm(x, enc)), atol=1e-5)

@@ -13,7 +13,8 @@ Options follow a ``?``: ``timm:vit_small_patch14_dinov2.lvd142m:w.safetensors?po
 (``pool=cls|mean|pooler`` for timm: and hf:). See docs/ENCODERS.md.
 
 Loading is strict and never unpickles anything beyond tensors and plain containers. Every file an
-encoder is read from is recorded with its sha256 in ``encoder.meta['source_files']``.
+encoder is read from is recorded with its sha256 in ``encoder.source_files`` (not in ``meta``: a
+file written from an encoder is another file).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def load_encoder(spec: str) -> Encoder:
     else:
         raise unknown("encoder spec scheme", scheme, SCHEMES)
     enc.meta.setdefault("source", spec)
-    enc.meta["source_files"] = [
+    enc.source_files = [
         {"path": str(f), "sha256": file_sha256(f)} for f in files if isinstance(f, Path) and f.is_file()
     ] + [f for f in files if isinstance(f, dict)]
     return enc.eval()

@@ -146,9 +146,10 @@ class Encoder(nn.Module):
                 "padding": list(conv1.padding),
                 "maxpool": type(getattr(self.backbone, "maxpool", nn.Identity())).__name__,
             }
-        for k in ("method", "pretrain_dataset", "width", "source_files", "notes"):
+        for k in ("method", "pretrain_dataset", "width", "notes"):
             if k in meta:
                 info[k] = meta[k]
+        info["source_files"] = list(getattr(self, "source_files", []))
         return info
 
 

@@ -154,8 +154,11 @@ def _match_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) ->
         if prefixes:
             prefix, state = extract_state_dict(state, prefixes, what)
             notes.append(f"weights taken from '{prefix}*'")
-    missing = [k for k in own if k not in state]
-    if missing:
+    def mismatch(st: dict) -> int:
+        extra = [k for k in st if k not in own]
+        return len([k for k in own if k not in st]) + len(extra) - len(_classifier_keys(model, extra))
+
+    if mismatch(state):
         import importlib
 
         module = importlib.import_module(type(model).__module__)
@@ -164,9 +167,9 @@ def _match_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) ->
             try:
                 converted = filt(dict(state), model)
             except Exception as exc:  # timm's converters assert on layouts they do not know
-                notes.append(f"timm's checkpoint_filter_fn could not convert it ({exc})")
+                notes.append(f"timm's checkpoint_filter_fn could not convert it ({first_line(exc)})")
             else:
-                if len([k for k in own if k not in converted]) < len(missing):
+                if mismatch(converted) < mismatch(state):
                     state = dict(converted)
                     notes.append("converted with timm's checkpoint_filter_fn")
     head = _classifier_keys(model, [k for k in state if k not in own])
