@@ -174,9 +174,9 @@ def test_layer_names_are_the_librarys(files):
 def test_encoder_file_round_trip(files, tmp_path):
     """A timm or HF encoder saved as a genaf file (what a run writes) rebuilds to the same features."""
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    for key in ("timm-vit", "hf-clip"):
-        enc = load_encoder(files[key][1] + ("?pool=mean" if key == "hf-clip" else ""))
-        path = tmp_path / f"{key}.safetensors"
+    for key, opt in (("timm-vit", ""), ("timm-vit", "?pool=mean"), ("hf-clip", "?pool=mean"), ("hf-vit", "")):
+        enc = load_encoder(files[key][1] + opt)
+        path = tmp_path / f"{key}{opt[6:]}.safetensors"
         save_encoder(enc, path)
         again = load_encoder(f"file:{path}")
         assert again.meta["pool"] == enc.meta["pool"]
