@@ -79,6 +79,9 @@ def files(tmp_path_factory):
     torch.manual_seed(2)
     reg = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(**TINY, num_register_tokens=4))
     out["hf-dinov2-reg"] = (reg.eval(), f"hf:{_hf_dir(root / 'dinov2reg', reg)}")
+    torch.manual_seed(5)
+    v3 = transformers.AutoModel.from_config(transformers.CONFIG_MAPPING["dinov3_vit"](**TINY, num_register_tokens=4))
+    out["hf-dinov3"] = (v3.eval(), f"hf:{_hf_dir(root / 'dinov3', v3)}")
     torch.manual_seed(3)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
     clip = transformers.CLIPModel(
@@ -154,6 +157,11 @@ def test_features_equal_the_library_forward(files):
         assert enc.meta["num_register_tokens"] == 4 and h.shape[1] == 1 + 4 + 36
         assert torch.allclose(enc(x16), h[:, 5:].mean(1), atol=1e-5)
         assert not torch.allclose(enc(x16), h[:, 1:].mean(1), atol=1e-4)
+
+        model, spec = files["hf-dinov3"]  # rotary position embeddings, 4 registers
+        h = model(pixel_values=_norm(x16, enc)).last_hidden_state
+        assert torch.allclose(load_encoder(spec)(x16), h[:, 0], atol=1e-5)
+        assert torch.allclose(load_encoder(spec + "?pool=mean")(x16), h[:, 5:].mean(1), atol=1e-5)
 
         model, spec = files["hf-clip"]
         enc = load_encoder(spec)

@@ -221,9 +221,11 @@ def load_hf_encoder(ref: str, pool: str | None = None) -> Encoder:
     cls = _model_class(transformers, model_type)
     try:
         with _quiet(transformers):
-            model, info = cls.from_pretrained(str(where), output_loading_info=True, dtype=torch.float32, **load_kw)
+            kw = {**load_kw, **_dtype_kw(transformers)}
+            model, info = cls.from_pretrained(str(where), output_loading_info=True, **kw)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{what}: the library could not load the model ({_first_line(exc)})") from exc
+    model = model.float()  # genaf trains and attacks in float32 whatever the checkpoint's dtype
     pool = _choose_pool(pool, model_type, model, what)
     dropped_pooler = False
     if pool != "pooler" and isinstance(getattr(model, "pooler", None), nn.Module):
@@ -252,6 +254,13 @@ def load_hf_encoder(ref: str, pool: str | None = None) -> Encoder:
     backbone = HFBackbone(model, pool, meta["num_prefix_tokens"], meta["feature_dim"])
     add_size_guard(backbone, meta)
     return Encoder(backbone, meta).eval()
+
+
+def _dtype_kw(transformers) -> dict:
+    """float32 weights: ``dtype`` in transformers >= 5 (whose default is the checkpoint's dtype),
+    ``torch_dtype`` before."""
+    major = int(str(transformers.__version__).split(".")[0])
+    return {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
 
 
 def _choose_pool(pool: str | None, model_type: str, model: nn.Module, what: str) -> str:
