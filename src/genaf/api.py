@@ -24,6 +24,7 @@ from .config import resolve
 from .data import DataModule, ImageSet, load_dataset
 from .data.module import small_split_warning
 from .encoders import Encoder, load_encoder
+from .encoders.base import check_image_size
 from .errors import CheckpointError, ConfigError, DataError, first_line
 from .evaluation import evaluate_model
 from .methods.base import create_method
@@ -140,9 +141,12 @@ def finetune(
     seed_everything(cfg["seed"])
     enc = load_encoder(cfg["encoder"])
     dm = datamodule if datamodule is not None else data_from_config(cfg)
+    check_image_size(enc.meta, dm.image_size)
     cfg["data_info"] = dm.info
+    cfg["encoder_files"] = list(getattr(enc, "source_files", []))
     if saved is not None:
         check_same_data(saved, cfg, out)
+        check_same_encoder_files(saved, cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     lock = run_lock(out)
     try:
@@ -209,7 +213,7 @@ def _differences(a, b, path=()) -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
-            if path + (k,) in RESUME_FREE or (not path and k == "data_info"):
+            if path + (k,) in RESUME_FREE or (not path and k in ("data_info", "encoder_files")):
                 continue
             out += _differences(a.get(k), b.get(k), path + (k,))
         return out
@@ -237,6 +241,17 @@ def check_same_data(saved: dict, cfg: dict, out: Path) -> None:
             raise ConfigError(
                 f"--resume: the data differ from the run saved in {out} ({k}: saved {old[k]}, now {new.get(k)}); "
                 "point --data-root at the files the run started with"
+            )
+
+
+def check_same_encoder_files(saved: dict, cfg: dict, out: Path) -> None:
+    """``--resume`` reads the encoder files the run started from: same sha256 (the lock in config.yaml)."""
+    old = {f.get("path"): f.get("sha256") for f in saved.get("encoder_files") or [] if f.get("sha256")}
+    for f in cfg.get("encoder_files") or []:
+        if f.get("path") in old and f.get("sha256") != old[f.get("path")]:
+            raise CheckpointError(
+                f"--resume: encoder file {f['path']} changed since the run started (sha256 {old[f['path']]} in "
+                f"{out / 'config.yaml'}, now {f['sha256']}); restore the file or start a new run in another --out"
             )
 
 
@@ -295,6 +310,7 @@ def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, 
         "method": cfg["method"],
         "encoder": cfg["encoder"],
         "encoder_hash": start_hash,
+        "encoder_files": cfg.get("encoder_files", []),
         "dataset": cfg["dataset"],
         "seed": cfg["seed"],
         "weight_drift": weight_drift(model, {k: v.to(device) for k, v in start.items()}),
@@ -394,6 +410,7 @@ def craft(
     if len(surrogate) == 0:
         raise DataError("craft got no surrogate images")
     enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
+    check_image_size(getattr(enc, "meta", {}), tuple(surrogate.images.shape[-2:]))
     dev = resolve_device(device)
     enc = enc.to(dev)
     att = create_attack(attack, enc, preset=preset, eps=eps, seed=seed, **cfg)

@@ -74,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("finetune", help="fine-tune an encoder on a downstream dataset")
-    p.add_argument("--encoder", default=None, help="demo, solo:PATH, torchvision:ARCH:PATH or file:PATH")
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="demo, solo:PATH, torchvision:ARCH:PATH, file:PATH, timm:NAME[:PATH] or hf:DIR "
+        "(options after '?', e.g. timm:NAME:PATH?pool=mean; see docs/ENCODERS.md)",
+    )
     p.add_argument(
         "--method",
         default=None,
@@ -229,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
     _limit_arg(p)
+
+    p = sub.add_parser("encoders", help="list known public encoders: source, spec and published sha256")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
     return ap
 
 
@@ -436,10 +445,42 @@ def cmd_inspect(a) -> int:
 
     info = api.load_encoder(a.spec).describe()
     if a.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2, default=str))
     else:
         for k, v in info.items():
+            if k == "keys":
+                v = _keys_line(v)
+            elif k == "source_files":
+                v = "; ".join(f"{f.get('path')} sha256 {f.get('sha256')}" for f in v) or "none"
             print(f"{k:>16s}: {v}")
+    return 0
+
+
+def _keys_line(keys: dict) -> str:
+    """'loaded 43, missing 0, unexpected 2 (a, b); note' for `genaf inspect`."""
+
+    def few(items: list) -> str:
+        return ", ".join(items[:4]) + (f", ... +{len(items) - 4} more" if len(items) > 4 else "")
+
+    out = f"loaded {keys.get('loaded')}"
+    for kind in ("missing", "unexpected"):
+        items = list(keys.get(kind) or [])
+        out += f", {kind} {len(items)}" + (f" ({few(items)})" if items else "")
+    return out + (f"; {keys['note']}" if keys.get("note") else "")
+
+
+def cmd_encoders(a) -> int:
+    from .encoders.zoo import zoo_rows
+
+    rows = zoo_rows()
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(row["name"])
+        for k in ("spec", "source", "sha256"):
+            print(f"    {k:>7s}: {row[k]}")
+    print("genaf records the sha256 of every encoder file a run reads in config.yaml and metrics.json (encoder_files).")
     return 0
 
 
@@ -479,6 +520,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "pretrain": cmd_pretrain,
     "inspect": cmd_inspect,
+    "encoders": cmd_encoders,
     "demo": cmd_demo,
     "bench": cmd_bench,
     "report": cmd_report,

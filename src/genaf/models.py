@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .encoders.base import Encoder, Normalize, load_state_strict
-from .encoders.resnet import build_backbone
+from .encoders.base import Encoder, Normalize, build_any_backbone, load_state_strict
 from .errors import CheckpointError, SpecError
 from .utils import atomic_write, write_json
 
@@ -79,7 +78,7 @@ def build_model(spec: dict, on_disk: int | None = None, what: str = "model.json"
     """Rebuild the module ``spec`` describes; its size is checked first (see ``check_model_spec``)."""
     check_model_spec(spec, what, on_disk)
     enc_meta = spec["encoder"]
-    enc = Encoder(build_backbone(enc_meta), enc_meta)
+    enc = Encoder(build_any_backbone(enc_meta), enc_meta)
     return DownstreamModel(enc, spec["num_classes"], spec.get("head", "mlp"), spec.get("dropout", 0.2))
 
 

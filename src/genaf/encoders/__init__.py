@@ -6,18 +6,33 @@ Specs:
     ``file:PATH``                 a genaf encoder file (``.pt`` or ``.safetensors``)
     ``demo``                      the project's small Fashion-MNIST encoder (offline)
     ``random:demo``               the demo architecture with random weights (a control)
+    ``timm:MODEL_NAME[:PATH]``    a timm model; weights from PATH (.safetensors/.pth/.bin), else timm's hub
+    ``hf:DIR`` / ``hf:ORG/NAME``  a Hugging Face vision backbone folder (or hub id)
 
-Loading is strict and never unpickles anything beyond tensors and plain containers.
+Options follow a ``?``: ``timm:vit_small_patch14_dinov2.lvd142m:w.safetensors?pool=mean``
+(``pool=cls|mean|pooler`` for timm: and hf:). See docs/ENCODERS.md.
+
+Loading is strict and never unpickles anything beyond tensors and plain containers. Every file an
+encoder is read from is recorded with its sha256 in ``encoder.source_files`` (not in ``meta``: a
+file written from an encoder is another file).
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
 
 from ..errors import SpecError, unknown
 from .base import DATASET_STATS, Encoder, Normalize, encoder_from_state, load_state_strict
 from .demo import DEMO_META, demo_encoder, random_encoder
 from .files import load_encoder_file, read_encoder_file, save_encoder
 
-SCHEMES = ("solo", "torchvision", "file", "demo", "random")
+SCHEMES = ("solo", "torchvision", "file", "demo", "random", "timm", "hf")
+# spec options (after '?'), and the schemes that take each
+SPEC_OPTIONS = {"pool": ("timm", "hf")}
+_OPTIONS_RE = re.compile(r"^[a-z_]+=[^&?=]*(&[a-z_]+=[^&?=]*)*$")
 
 __all__ = [
     "DATASET_STATS",
@@ -27,26 +42,53 @@ __all__ = [
     "encoder_from_state",
     "load_encoder",
     "load_state_strict",
+    "file_sha256",
+    "split_spec_options",
     "read_encoder_file",
     "save_encoder",
 ]
+
+
+def split_spec_options(spec: str) -> tuple[str, dict[str, str]]:
+    """``'timm:NAME:PATH?pool=mean'`` -> ``('timm:NAME:PATH', {'pool': 'mean'})``."""
+    base, sep, tail = spec.rpartition("?")
+    if not sep or not _OPTIONS_RE.match(tail):
+        return spec, {}
+    opts = dict(item.split("=", 1) for item in tail.split("&"))
+    scheme = base.partition(":")[0]
+    for key in opts:
+        if key not in SPEC_OPTIONS:
+            raise unknown("encoder option", key, SPEC_OPTIONS)
+        if scheme not in SPEC_OPTIONS[key]:
+            raise SpecError(
+                f"encoder option '{key}' applies to {' and '.join(s + ':' for s in SPEC_OPTIONS[key])} specs, "
+                f"not to '{base}'; remove '?{tail}'"
+            )
+    return base, opts
 
 
 def load_encoder(spec: str) -> Encoder:
     """Load an encoder from a spec string (see module docstring). Returns it in eval mode."""
     if not isinstance(spec, str) or not spec:
         raise SpecError("encoder spec must be a non-empty string such as 'demo', 'solo:PATH' or 'file:PATH'")
-    scheme, _, rest = spec.partition(":")
+    base, opts = split_spec_options(spec)
+    scheme, _, rest = base.partition(":")
+    files: list[Path] = []
     if scheme == "demo" and not rest:
         enc = demo_encoder()
+        from .demo import ASSET
+
+        files = [ASSET] if ASSET.is_file() else []
     elif scheme == "random":
         enc = random_encoder(rest or "demo")
     elif scheme == "file" and rest:
         enc = load_encoder_file(rest)
+        files = [Path(rest)]
     elif scheme == "solo" and rest:
         from .solo import load_solo_encoder
 
         enc = load_solo_encoder(rest)
+        files = [Path(rest), Path(rest).parent / "args.json"]
     elif scheme == "torchvision" and rest:
         arch, sep, path = rest.partition(":")
         if not sep or not path:
@@ -54,9 +96,78 @@ def load_encoder(spec: str) -> Encoder:
         from .tv import load_torchvision_encoder
 
         enc = load_torchvision_encoder(arch, path)
+        files = [Path(path)]
+    elif scheme == "timm" and rest:
+        name, path = _timm_name_path(rest)
+        from .timm_enc import load_timm_encoder
+
+        enc = load_timm_encoder(name, path, pool=opts.get("pool"))
+        files = [Path(path)] if path else _hub_files(enc)
+    elif scheme == "hf" and rest:
+        from .hf import load_hf_encoder
+
+        enc = load_hf_encoder(rest, pool=opts.get("pool"))
+        folder = Path(rest).expanduser()
+        if folder.is_dir():
+            files = [folder / n for n in ("config.json", "preprocessor_config.json")] + sorted(
+                folder.glob("model*.safetensors")
+            )
+        else:
+            files = _hub_files(enc)
     elif scheme in SCHEMES:
-        raise SpecError(f"encoder spec '{spec}' needs a path: write {scheme}:PATH")
+        what = "MODEL_NAME[:PATH]" if scheme == "timm" else "DIR" if scheme == "hf" else "PATH"
+        raise SpecError(f"encoder spec '{spec}' needs a {what.lower()}: write {scheme}:{what}")
     else:
         raise unknown("encoder spec scheme", scheme, SCHEMES)
     enc.meta.setdefault("source", spec)
+    enc.source_files = [
+        {"path": str(f), "sha256": file_sha256(f)} for f in files if isinstance(f, Path) and f.is_file()
+    ] + [f for f in files if isinstance(f, dict)]
     return enc.eval()
+
+
+def _timm_name_path(rest: str) -> tuple[str, str | None]:
+    """``NAME[:PATH]``; a hub name ``hf-hub:ORG/NAME`` keeps its own colon."""
+    prefix = ""
+    for hub in ("hf-hub:", "hf_hub:"):
+        if rest.startswith(hub):
+            prefix, rest = hub, rest[len(hub) :]
+    name, sep, path = rest.partition(":")
+    if sep and not path:
+        raise SpecError(f"timm spec 'timm:{prefix}{rest}' ends with ':'; write timm:MODEL_NAME or timm:MODEL_NAME:PATH")
+    return prefix + name, (path or None)
+
+
+def _hub_files(enc: Encoder) -> list:
+    """Where the library's hub cache keeps the weights just loaded (recorded with their sha256)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return [{"path": None, "sha256": None, "note": "weights from the library's hub cache (not located)"}]
+    meta = enc.meta
+    repo = meta.get("pretrained_source", "")
+    repo = repo.removeprefix("huggingface.co/")
+    out: list = []
+    for name in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo, name) if repo and "://" not in repo else None
+        if isinstance(hit, str):
+            out.append(Path(hit))
+            break
+    return out or [{"path": None, "sha256": None, "note": f"weights of {repo or 'the hub'} not found in the hub cache"}]
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (cached per path, size and modification time)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]

@@ -110,30 +110,106 @@ class Encoder(nn.Module):
         return modules[name]
 
     def describe(self) -> dict:
-        """What `genaf inspect` prints."""
+        """What `genaf inspect` prints: the same fields for every scheme (see docs/ENCODERS.md)."""
+        meta = self.meta
         info = {
             "arch": self.arch,
-            "source": self.meta.get("source"),
+            "library": meta.get("library", "genaf"),
+            "source": meta.get("source"),
+            "num_parameters": sum(p.numel() for p in self.backbone.parameters()),
             "feature_dim": self.feature_dim,
+            "pool": meta.get("pool", "mean (global average pool)"),
             "input_size": self.input_size,
+            "patch_size": meta.get("patch_size"),
+            "size_rule": size_rule(meta),
             "mean": list(self.mean),
             "std": list(self.std),
+            "interpolation": meta.get("interpolation"),
             "num_tensors": len(self.backbone.state_dict()),
-            "num_parameters": sum(p.numel() for p in self.backbone.parameters()),
         }
+        if meta.get("num_prefix_tokens") is not None:
+            info["prefix_tokens"] = {
+                "total": meta["num_prefix_tokens"],
+                "register": meta.get("num_register_tokens", 0),
+            }
+        keys = meta.get("keys")
+        if keys:
+            info["keys"] = keys
+        else:
+            info["keys"] = {"loaded": info["num_tensors"], "missing": [], "unexpected": [], "note": "strict load"}
         conv1 = getattr(self.backbone, "conv1", None)
         if isinstance(conv1, nn.Conv2d):
             info["stem"] = {
-                "type": self.meta.get("stem"),
+                "type": meta.get("stem"),
                 "kernel_size": list(conv1.kernel_size),
                 "stride": list(conv1.stride),
                 "padding": list(conv1.padding),
                 "maxpool": type(getattr(self.backbone, "maxpool", nn.Identity())).__name__,
             }
-        for k in ("method", "pretrain_dataset", "width"):
-            if k in self.meta:
-                info[k] = self.meta[k]
+        for k in ("method", "pretrain_dataset", "width", "notes"):
+            if k in meta:
+                info[k] = meta[k]
+        info["source_files"] = list(getattr(self, "source_files", []))
         return info
+
+
+def size_rule(meta: dict) -> str:
+    """The image sizes an encoder accepts, in words (for `genaf inspect`)."""
+    patch = meta.get("patch_size")
+    if patch:
+        return f"any multiple of {patch} (position embeddings interpolated)"
+    return "any size"
+
+
+def nearest_valid_sizes(size: int, patch: int) -> list[int]:
+    """The multiples of ``patch`` just below and above ``size`` (positive ones only)."""
+    lo, hi = (size // patch) * patch, (size // patch + 1) * patch
+    return [s for s in (lo, hi) if s > 0]
+
+
+def check_image_size(meta: dict, size: int | tuple[int, int], where: str = "--image-size") -> None:
+    """Refuse an image size that a patch-based encoder cannot take, naming the nearest valid ones."""
+    patch = meta.get("patch_size")
+    if not patch:
+        return
+    sizes = (size, size) if isinstance(size, int) else tuple(size)
+    for s in sizes:
+        if int(s) % int(patch):
+            valid = " or ".join(str(v) for v in nearest_valid_sizes(int(s), int(patch)))
+            raise SpecError(
+                f"image size {s} is not a multiple of the patch size {patch} of encoder {meta.get('arch')}; "
+                f"use {valid} ({where})"
+            )
+
+
+def add_size_guard(backbone: nn.Module, meta: dict) -> None:
+    """A forward pre-hook on a patch-based backbone: a wrong image size is a one-line error,
+    whichever path (training, attack, evaluation) feeds it."""
+    if not meta.get("patch_size"):
+        return
+    guard_meta = {"patch_size": int(meta["patch_size"]), "arch": meta.get("arch")}
+
+    def _guard(_module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            check_image_size(guard_meta, (int(x.shape[-2]), int(x.shape[-1])), "image size")
+
+    backbone.register_forward_pre_hook(_guard)
+
+
+def build_any_backbone(meta: dict) -> nn.Module:
+    """The backbone ``meta`` describes: a timm model (``library: timm``), a Hugging Face vision
+    model (``library: hf``) or genaf's own ResNet."""
+    library = meta.get("library")
+    if library == "timm":
+        from .timm_enc import build_timm_backbone
+
+        return build_timm_backbone(meta)
+    if library == "hf":
+        from .hf import build_hf_backbone
+
+        return build_hf_backbone(meta)
+    return build_backbone(meta)
 
 
 def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -172,7 +248,7 @@ def _short(items: list[str], n: int = 12) -> str:
 
 def encoder_from_state(meta: dict, backbone_state: dict[str, torch.Tensor], what: str) -> Encoder:
     """Build the backbone described by ``meta`` and load ``backbone_state`` strictly."""
-    backbone = build_backbone(meta)
+    backbone = build_any_backbone(meta)
     state = {k: v.float() if v.is_floating_point() else v for k, v in backbone_state.items()}
     load_state_strict(backbone, state, what)
     return Encoder(backbone, meta)
