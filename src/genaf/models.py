@@ -102,7 +102,7 @@ def check_model_spec(spec: dict, what: str, on_disk: int | None = None) -> None:
     check_backbone(spec["encoder"], what, on_disk)
     enc_meta = spec["encoder"]
     with torch.device("meta"):
-        enc = Encoder(build_backbone(enc_meta), enc_meta)
+        enc = Encoder(build_any_backbone(enc_meta), enc_meta)
         model = DownstreamModel(enc, spec["num_classes"], spec.get("head", "mlp"), spec.get("dropout", 0.2))
     check_module_bytes(model, what, on_disk)
 
