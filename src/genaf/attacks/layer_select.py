@@ -18,6 +18,7 @@ or ``location_auto`` for the patch's place).
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -34,11 +35,22 @@ _LOW_BLOCK = re.compile(r"^layer[12]\.\d+$")
 
 
 def low_layer_candidates(encoder) -> list[str]:
-    """The stem output and every residual block of the first two stages (ResNet naming)."""
+    """The low layers an attacker may hook: on a ResNet the stem output (``relu``) and every
+    residual block of the first two stages; on a transformer (blocks found by type,
+    :mod:`genaf.encoders.layout`) the patch embedding and the blocks of the first half."""
     names = encoder.layer_names()
     low = [n for n in names if _LOW_BLOCK.match(n)]
     stem = ["relu"] if "relu" in names else []
-    return stem + low
+    if stem or low:
+        return stem + low
+    from ..encoders.layout import block_names, stem_name
+
+    backbone = getattr(encoder, "backbone", encoder)
+    blocks = block_names(backbone)
+    if not blocks:
+        return []
+    patch = stem_name(backbone)
+    return ([patch] if patch else []) + blocks[: math.ceil(len(blocks) / 2)]
 
 
 def candidates_for(attack, key: str) -> list[str]:
@@ -54,12 +66,14 @@ def candidates_for(attack, key: str) -> list[str]:
     if not names:
         raise ConfigError(
             f"{attack.name}: {key}: auto needs layer_candidates for this encoder (no ResNet stem or "
-            "stage-1/2 blocks found); set layer_candidates to a comma-separated list of its layers"
+            "stage-1/2 blocks and no transformer blocks found); set layer_candidates to a comma-separated "
+            "list of its layers"
         )
     for n in names:
         attack.encoder.get_layer(n)  # an unknown name lists the available ones
-    other = [attack.cfg.get(k) for k in LAYER_KEYS if k != key]
-    return [n for n in names if n not in other]
+    resolve = getattr(attack.encoder, "resolve_layer", lambda n: n)
+    other = {resolve(str(attack.cfg.get(k))) for k in LAYER_KEYS if k != key and attack.cfg.get(k)}
+    return [n for n in names if resolve(n) not in other]
 
 
 def split_surrogate(data: ImageSet) -> tuple[ImageSet, ImageSet]:

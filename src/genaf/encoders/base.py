@@ -97,9 +97,26 @@ class Encoder(nn.Module):
         """Names of every Conv2d/Linear module of the backbone (attack hooks, stage 2)."""
         return [n for n, m in self.backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
-    def get_layer(self, name: str) -> nn.Module:
-        """The backbone module called ``name``; an unknown name lists the available ones."""
+    def layer_aliases(self) -> dict[str, str]:
+        """ResNet layer names (``relu``, ``layer1``..``layer4``) this backbone lacks, mapped to its
+        own modules by type (a ViT's patch embedding and blocks; :mod:`genaf.encoders.layout`)."""
+        from .layout import layer_aliases
+
+        return layer_aliases(self.backbone)
+
+    def resolve_layer(self, name: str) -> str:
+        """The backbone module name that ``name`` refers to (itself, or what its alias maps to)."""
         modules = dict(self.backbone.named_modules())
+        if name in modules:
+            return name
+        return self.layer_aliases().get(name, name)
+
+    def get_layer(self, name: str) -> nn.Module:
+        """The backbone module called ``name`` (or aliased by it, see :meth:`layer_aliases`); an
+        unknown name lists the available ones."""
+        modules = dict(self.backbone.named_modules())
+        if name and name not in modules:
+            name = self.layer_aliases().get(name, name)
         if name not in modules or not name:
             from ..errors import did_you_mean
 
