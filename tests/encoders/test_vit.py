@@ -141,3 +141,41 @@ def test_vit_pretrain_end_to_end_through_the_cli(tmp_path, capsys):
     rand = load_encoder("random:vit-tiny")
     assert any(not torch.equal(v, rand.backbone.state_dict()[k]) for k, v in enc.backbone.state_dict().items())
     assert '"knn_acc"' in capsys.readouterr().out
+
+
+def test_a_perturbation_records_the_module_an_alias_named(vit):
+    from genaf.data import load_dataset
+
+    sur = load_dataset("fashion-mnist-demo", n_train=32, n_val=16, n_test=16).surrogate(16)
+    pert = create_attack("std", vit, iterations=1, batch_size=8).fit(sur)
+    assert pert.config["layer"] == "layer2" and pert.config["layer_modules"] == {"layer2": "blocks.1"}
+    res = create_attack("std", load_encoder("random:demo"), iterations=1, batch_size=8).fit(sur)
+    assert "layer_modules" not in res.config  # a ResNet's own name
+
+
+def test_layout_is_found_by_type_on_timm_and_hugging_face_backbones():
+    """The same rules name the layers of other libraries' models (built here, random weights)."""
+    from genaf.encoders.layout import layer_aliases, low_layers
+
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=4)
+    assert layer_aliases(vit) == {
+        "relu": "patch_embed.proj",
+        "layer1": "blocks.2",
+        "layer2": "blocks.5",
+        "layer3": "blocks.8",
+        "layer4": "blocks.11",
+    }
+    assert is_transformer(vit) and low_layers(vit) == ["patch_embed.proj"] + [f"blocks.{i}" for i in range(6)]
+    cnx = timm.create_model("convnext_atto", pretrained=False, num_classes=0)
+    assert layer_aliases(cnx) == {"relu": "stem", **{f"layer{k}": f"stages.{k - 1}" for k in range(1, 5)}}
+    assert not is_transformer(cnx) and low_layers(cnx)[:2] == ["stem", "stages.0.blocks.0"]
+    res = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    assert layer_aliases(res) == {"relu": "act1"} and low_layers(res)[:2] == ["act1", "layer1.0"]
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=4
+    )
+    dino = transformers.Dinov2Model(cfg)
+    assert layer_aliases(dino)["relu"] == "embeddings.patch_embeddings.projection"
+    assert layer_aliases(dino)["layer2"] == "encoder.layer.1" and is_transformer(dino)

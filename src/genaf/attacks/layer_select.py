@@ -18,9 +18,6 @@ or ``location_auto`` for the patch's place).
 
 from __future__ import annotations
 
-import math
-import re
-
 import torch
 import torch.nn.functional as F
 
@@ -31,26 +28,15 @@ from .base import eval_mode
 AUTO_KEYS = ("layer", "layer2", "location")
 LAYER_KEYS = ("layer", "layer2")
 HELD_OUT_FRACTION = 0.2
-_LOW_BLOCK = re.compile(r"^layer[12]\.\d+$")
 
 
 def low_layer_candidates(encoder) -> list[str]:
-    """The low layers an attacker may hook: on a ResNet the stem output (``relu``) and every
-    residual block of the first two stages; on a transformer (blocks found by type,
-    :mod:`genaf.encoders.layout`) the patch embedding and the blocks of the first half."""
-    names = encoder.layer_names()
-    low = [n for n in names if _LOW_BLOCK.match(n)]
-    stem = ["relu"] if "relu" in names else []
-    if stem or low:
-        return stem + low
-    from ..encoders.layout import block_names, stem_name
+    """The low layers an attacker may hook (:func:`genaf.encoders.layout.low_layers`): the stem's
+    output and every block of the first two ResNet stages (the first half of a CNN's stages), or
+    a transformer's patch embedding and the blocks of its first half."""
+    from ..encoders.layout import low_layers
 
-    backbone = getattr(encoder, "backbone", encoder)
-    blocks = block_names(backbone)
-    if not blocks:
-        return []
-    patch = stem_name(backbone)
-    return ([patch] if patch else []) + blocks[: math.ceil(len(blocks) / 2)]
+    return low_layers(getattr(encoder, "backbone", encoder))
 
 
 def candidates_for(attack, key: str) -> list[str]:
