@@ -131,6 +131,7 @@ def finetune(
     seed_everything(cfg["seed"])
     enc = load_encoder(cfg["encoder"])
     dm = datamodule if datamodule is not None else data_from_config(cfg)
+    enc.check_input_size(*dm.train.images.shape[-2:])  # before the run folder is written
     cfg["data_info"] = dm.info
     if saved is not None:
         check_same_data(saved, cfg, out)

@@ -68,6 +68,12 @@ def test_cli_refuses_a_size_that_is_not_a_patch_multiple(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1
     assert "patch size 4" in err and "28 or 32" in err
     assert not (tmp_path / "e.safetensors").exists()
+    # fine-tuning: refused once the data's size is known, before anything is written in the run folder
+    args = ["finetune", "--encoder", "random:vit-tiny", "--dataset", "fashion-mnist-demo", "--method", "sft"]
+    rc = main(args + ["--image-size", "30", "--n-train", "32", "--device", "cpu", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "use 28 or 32" in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

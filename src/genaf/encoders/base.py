@@ -97,6 +97,13 @@ class Encoder(nn.Module):
         """Names of every Conv2d/Linear module of the backbone (attack hooks, stage 2)."""
         return [n for n, m in self.backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
+    def check_input_size(self, h: int, w: int) -> None:
+        """Raise a one-line SpecError when the backbone cannot take (h, w) images (a ViT: a side
+        that is not a multiple of its patch); backbones without a constraint accept any size."""
+        check = getattr(self.backbone, "check_input_size", None)
+        if callable(check):
+            check(int(h), int(w))
+
     def layer_aliases(self) -> dict[str, str]:
         """ResNet layer names (``relu``, ``layer1``..``layer4``) this backbone lacks, mapped to its
         own modules by type (a ViT's patch embedding and blocks; :mod:`genaf.encoders.layout`)."""

@@ -160,6 +160,10 @@ class ViTBackbone(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def check_input_size(self, h: int, w: int) -> None:
+        """Refuse (one line) an image size this ViT cannot take: a side not a multiple of the patch."""
+        check_image_size(int(h), int(w), self.patch_size, self.arch)
+
     def meta(self) -> dict:
         """The architecture fields an encoder file records."""
         return {
@@ -186,7 +190,7 @@ class ViTBackbone(nn.Module):
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) normalised images -> (N, 1 + H/p · W/p, D) final-norm tokens."""
         h, w = x.shape[-2:]
-        check_image_size(int(h), int(w), self.patch_size, self.arch)
+        self.check_input_size(h, w)
         tokens = self.patch_embed(x)
         cls = self.cls_token.expand(len(x), -1, -1)
         tokens = torch.cat([cls, tokens], dim=1) + self.position_embedding(h // self.patch_size, w // self.patch_size)
