@@ -1,9 +1,12 @@
 """k-NN and linear-probe test accuracy of an encoder against its architecture with random weights.
 
     python benchmarks/encoder_quality.py [--encoder demo] [--n-train 10000]
+    python benchmarks/encoder_quality.py --encoder file:vit.safetensors   # a genaf ViT (vit-tiny)
 
 Fashion-MNIST: the probes train on ``--n-train`` training images (seeded split) and are tested on
 the full 10,000-image test split. This is the check `genaf pretrain` prints after pre-training.
+The random-weight control is built from the encoder's own metadata (same architecture: a ResNet
+of the same width and stem, or a ViT of the same patch, width, depth and heads), seeded.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     dm = load_dataset("fashion-mnist", n_train=a.n_train, n_val=1000, seed=a.seed)
-    print(json.dumps(probe_report(load_encoder(a.encoder), dm, n_train=a.n_train, seed=a.seed), indent=2))
+    enc = load_encoder(a.encoder)
+    report = probe_report(enc, dm, n_train=a.n_train, seed=a.seed)
+    print(json.dumps({"encoder": a.encoder, "arch": enc.arch, **report}, indent=2))
 
 
 if __name__ == "__main__":

@@ -141,7 +141,9 @@ def finetune(
     seed_everything(cfg["seed"])
     enc = load_encoder(cfg["encoder"])
     dm = datamodule if datamodule is not None else data_from_config(cfg)
+    # before the run folder is written: timm/hf patch sizes from the metadata, genaf's ViT by its module
     check_image_size(enc.meta, dm.image_size)
+    enc.check_input_size(*dm.train.images.shape[-2:])
     cfg["data_info"] = dm.info
     cfg["encoder_files"] = list(getattr(enc, "source_files", []))
     if saved is not None:

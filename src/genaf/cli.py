@@ -200,10 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--method", default="simclr", choices=["simclr", "byol"])
     p.add_argument("--width", type=int, default=16)
-    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--arch", default="resnet18", help="resnet18, resnet34, resnet50 or a genaf ViT (vit-tiny)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (cosine schedule)")
     p.add_argument("--n-images", type=int, default=15000)
+    p.add_argument("--n-test", type=int, default=None, help="test images the k-NN / linear probes score (default all)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True, help="encoder file (.safetensors or .pt)")
@@ -400,37 +402,31 @@ def cmd_evaluate(a) -> int:
 
 def cmd_pretrain(a) -> int:
     from .data import load_dataset
-    from .encoders.demo import DEMO_META
+    from .encoders.base import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD
     from .encoders.files import save_encoder
-    from .pretrain import pretrain, probe_report
+    from .pretrain import pretrain, pretrain_meta, probe_report
     from .utils import resolve_device
 
+    mean, std = DATASET_STATS.get(a.dataset, (IMAGENET_MEAN, IMAGENET_STD))
+    if a.image_size is not None:  # refuse an arch or size the backbone cannot take before loading data
+        pretrain_meta(a.arch, a.image_size, mean, std, a.dataset, a.width)
     dm = load_dataset(
         a.dataset,
         root=a.data_root,
         image_size=a.image_size,
         n_train=a.n_images,
         n_val=min(1000, max(1, a.n_images // 10)),
+        n_test=a.n_test,
         seed=a.seed or 0,
     )
-    from .encoders.base import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD
-
-    mean, std = DATASET_STATS.get(a.dataset, (IMAGENET_MEAN, IMAGENET_STD))
-    meta = dict(
-        DEMO_META,
-        arch=a.arch,
-        width=a.width,
-        input_size=dm.image_size,
-        mean=list(mean),
-        std=list(std),
-        pretrain_dataset=a.dataset,
-    )
+    meta = pretrain_meta(a.arch, dm.image_size, mean, std, a.dataset, a.width)
     enc = pretrain(
         dm.train,
         meta,
         method=a.method,
         epochs=a.epochs,
         batch_size=a.batch_size,
+        lr=a.lr,
         seed=a.seed or 0,
         device=resolve_device(a.device or "auto"),
     )

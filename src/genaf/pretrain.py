@@ -1,7 +1,8 @@
 """Self-supervised pre-training of small encoders (SimCLR, BYOL) and k-NN / linear probes.
 
-This is how the project makes its own public-encoder stand-in for the demo and the tests:
-``genaf pretrain --dataset fashion-mnist --method simclr --width 16 --out enc.safetensors``.
+This is how the project makes its own public-encoder stand-ins for the demo and the tests:
+``genaf pretrain --dataset fashion-mnist --method simclr --width 16 --out enc.safetensors`` (the
+demo ResNet) or ``genaf pretrain --arch vit-tiny ...`` (genaf's own small ViT).
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def pretrain(
         raise unknown("pre-training method", method, SSL_METHODS)
     if epochs <= 0 or batch_size < 2:
         raise ConfigError("pre-training needs epochs >= 1 and batch_size >= 2")
+    if not (math.isfinite(float(lr)) and float(lr) > 0):
+        raise ConfigError(f"pre-training needs a positive, finite learning rate (--lr), got {lr}")
     seed_everything(seed)
     device = torch.device(device)
     meta = dict(meta, method=method)
@@ -167,6 +170,30 @@ def pretrain(
 
 
 DEMO_RECIPE = {"method": "simclr", "epochs": 12, "batch_size": 256, "lr": 2e-3, "temperature": 0.2, "n_images": 15000}
+
+
+def pretrain_meta(
+    arch: str,
+    input_size: int,
+    mean,
+    std,
+    dataset: str,
+    width: int = 16,
+) -> dict:
+    """The metadata of an encoder to pre-train: a genaf ViT (``vit-tiny``, ...; ``width`` unused)
+    or the demo's CIFAR-stem ResNet with ``arch`` and ``width``. An image size a ViT cannot take
+    (not a multiple of its patch) is refused here, before any work."""
+    from .encoders.demo import DEMO_META_VIT
+    from .encoders.vit import VIT_ARCHS, check_image_size, vit_meta
+
+    if arch in VIT_ARCHS:
+        meta = dict(DEMO_META_VIT, **vit_meta(arch, input_size))
+        check_image_size(int(input_size), int(input_size), int(meta["patch_size"]), arch)
+    else:
+        meta = dict(DEMO_META, arch=arch, width=int(width), input_size=int(input_size))
+    meta.update(mean=list(mean), std=list(std), pretrain_dataset=dataset)
+    build_backbone(meta)  # an unknown arch or a bad size ends here, in one line
+    return meta
 
 
 def pretrain_demo_encoder(out: str | Path, seed: int = 0, log=print, device="cpu", **overrides) -> dict:
@@ -225,4 +252,5 @@ __all__ = [
     "byol_loss",
     "pretrain",
     "pretrain_demo_encoder",
+    "pretrain_meta",
 ]

@@ -35,10 +35,10 @@ def small(tiny_data):
     return dataclasses.replace(tiny_data, train=tiny_data.train.subset(32), val=tiny_data.val.subset(16))
 
 
-def _fit(tmp_path, name, data, **mc):
+def _fit(tmp_path, name, data, encoder="random:demo", **mc):
     method = create_method(name, **mc)
     torch.manual_seed(0)
-    model = DownstreamModel(load_encoder("random:demo"), data.num_classes)
+    model = DownstreamModel(load_encoder(encoder), data.num_classes)
     cfg = TrainConfig(batch_size=16, n_val_robust=8, val_steps=1, augment=False, progress=False)
     run = tmp_path / name
     run.mkdir(parents=True, exist_ok=True)
@@ -247,7 +247,8 @@ def test_rift_stage_recipe():
     assert (g.optimizer, g.lr, g.momentum, g.weight_decay, g.milestones) == ("sgd", 1e-3, 0.9, 5e-4, [5])
 
 
-def test_rift_changes_only_the_selected_module(tmp_path, small, attack_guard, monkeypatch):
+@pytest.mark.parametrize("encoder, n_units", [("random:demo", 23), ("random:vit-tiny", 20)])
+def test_rift_changes_only_the_selected_module(tmp_path, small, attack_guard, monkeypatch, encoder, n_units):
     before_evolve = {}
     real_evolve = stage2_common.evolve
 
@@ -257,20 +258,29 @@ def test_rift_changes_only_the_selected_module(tmp_path, small, attack_guard, mo
 
     monkeypatch.setattr(stage2_common, "evolve", evolve)
     model, art = _fit(
-        tmp_path, "rift", small, **FAST, rift_epochs=2, probe_size=16, sensitivity_steps=1, rift_decay_epoch=1
+        tmp_path,
+        "rift",
+        small,
+        encoder=encoder,
+        **FAST,
+        rift_epochs=2,
+        probe_size=16,
+        sensitivity_steps=1,
+        rift_decay_epoch=1,
     )
     assert {c[0] for c in attack_guard} == {"at"}
     at_state = art["stage1_state"]
     setup = next(v for k, v in art["setup"].items() if k.endswith(":rift"))
-    assert len(setup["sensitivity"]) == 23 and len(setup["selected"]) == 1
+    assert len(setup["sensitivity"]) == n_units and len(setup["selected"]) == 1
     (sel,) = setup["selected"]
     assert sel == min(setup["sensitivity"], key=lambda k: (setup["sensitivity"][k], k))
     sel_keys = {f"{sel}.weight", f"{sel}.bias"}
     ft = before_evolve  # the fine-tuned weights (alpha = 1)
     assert not torch.equal(ft[f"{sel}.weight"], at_state[f"{sel}.weight"])
     assert all(torch.equal(v, at_state[k]) for k, v in ft.items() if k not in sel_keys)
-    bn = _bn_keys(ft)
-    assert bn and all(torch.equal(ft[k], at_state[k]) for k in bn)
+    # normalisation frozen bit-exactly: BatchNorm statistics (ResNet), LayerNorm parameters (ViT)
+    norm = _bn_keys(ft) + [k for k in ft if k.split(".")[-2].startswith("norm")]
+    assert norm and all(torch.equal(ft[k], at_state[k]) for k in norm)
     # the interpolation keeps every untouched tensor bit-exactly and picks an eligible alpha
     fin = next(v for k, v in art["finish"].items() if k.endswith(":rift"))
     assert len(fin["evolution"]) == 11

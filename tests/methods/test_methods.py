@@ -16,10 +16,10 @@ TINY_TRAIN = {"batch_size": 64, "n_val_robust": 32, "val_steps": 1, "augment": F
 TINY_DATA = {"n_train": 192, "n_val": 96, "n_test": 96}
 
 
-def _run(tmp_path, method, tiny_data, **mc):
+def _run(tmp_path, method, tiny_data, encoder="random:demo", **mc):
     out = tmp_path / method
     m = finetune(
-        "random:demo",
+        encoder,
         "fashion-mnist",
         method,
         out,
@@ -45,11 +45,18 @@ def test_sft_trains_every_parameter(tmp_path, tiny_data):
         assert (out / f).is_file()
 
 
-def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data):
+# units: the ResNet's 20 convolutions + the head's 3 Linear layers; the ViT's patch-embedding
+# convolution, 4 blocks x (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) and the head's 3 Linear layers
+STAGE2_UNITS = {"random:demo": 23, "random:vit-tiny": 1 + 4 * 4 + 3}
+
+
+@pytest.mark.parametrize("encoder", list(STAGE2_UNITS))
+def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data, encoder):
     out, m = _run(
         tmp_path,
         "genaf",
         tiny_data,
+        encoder=encoder,
         epochs=1,
         attack_steps=1,
         warmup_epochs=0,
@@ -65,9 +72,17 @@ def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data):
     after = load_model(out).state_dict()
     sens = json.loads((out / "sensitivity.json").read_text())
     selected = sens["selected"]
-    assert len(selected) == 3 and len(sens["sensitivity"]) == 23  # 20 convs + 3 head linears
+    assert len(selected) == 3 and len(sens["sensitivity"]) == STAGE2_UNITS[encoder]
+    if encoder == "random:vit-tiny":
+        blocks = {
+            f"encoder.backbone.blocks.{i}.{u}"
+            for i in range(4)
+            for u in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+        }
+        assert blocks | {"encoder.backbone.patch_embed.proj"} <= set(sens["sensitivity"])
+        assert not any("norm" in k for k in sens["sensitivity"])  # LayerNorm is never a unit
     # the saved dictionary holds the values of the definition, recomputed here independently
-    expected = _naive_sensitivity(before, tiny_data, probe_size=32, steps=2, eta=sens["eta"])
+    expected = _naive_sensitivity(before, tiny_data, probe_size=32, steps=2, eta=sens["eta"], encoder=encoder)
     assert set(expected) == set(sens["sensitivity"])
     for name, rho in expected.items():
         assert sens["sensitivity"][name] == pytest.approx(rho, rel=1e-2, abs=1e-5), name  # float32 sums
@@ -81,11 +96,14 @@ def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data):
             assert not torch.equal(v, before[k]), f"selected {k} did not change"
         elif k not in sel_params:
             assert torch.equal(v, before[k]), f"{k} changed in stage 2 but is not selected"
-    bn_buffers = [k for k in after if "running_" in k or "num_batches_tracked" in k]
-    assert bn_buffers and all(torch.equal(after[k], before[k]) for k in bn_buffers)
+    # normalisation layers are frozen bit-exactly: BatchNorm statistics, LayerNorm affine parameters
+    norm_keys = [k for k in after if "running_" in k or "num_batches_tracked" in k or "norm" in k.split(".")[-2]]
+    assert norm_keys and all(torch.equal(after[k], before[k]) for k in norm_keys)
+    if encoder == "random:vit-tiny":  # and so are the position embedding and the class token
+        assert all(torch.equal(after[k], before[k]) for k in after if k.endswith(("pos_embed", "cls_token")))
 
 
-def _naive_sensitivity(state, data, probe_size, steps, eta, step_size=0.5, seed=0):
+def _naive_sensitivity(state, data, probe_size, steps, eta, step_size=0.5, seed=0, encoder="random:demo"):
     """ρ of every Conv2d/Linear weight by the definition, one layer at a time, written without
     genaf's shared first step: the stage's own probe recipe (PGD with the run's K, ε, step and
     random start on the first ``probe_size`` validation images); then
@@ -98,7 +116,7 @@ def _naive_sensitivity(state, data, probe_size, steps, eta, step_size=0.5, seed=
     from genaf.methods.genaf import GENAF_DEFAULTS
     from genaf.utils import generator
 
-    model = DownstreamModel(load_encoder("random:demo"), data.num_classes)
+    model = DownstreamModel(load_encoder(encoder), data.num_classes)
     model.load_state_dict(state)
     model.eval()
     val = data.val.subset(probe_size)

@@ -95,6 +95,8 @@ class LayerTap:
 
         def hook(name):
             def fn(_m, _inp, out):
+                if isinstance(out, (tuple, list)):  # e.g. Hugging Face layers: (hidden_states, ...)
+                    out = out[0]
                 if name not in self.outputs:
                     self.outputs[name] = out
                 if self.stop_early and len(self.outputs) == len(self.names):

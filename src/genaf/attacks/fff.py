@@ -48,13 +48,27 @@ def _layer_list(layers: Any) -> list[str]:
     return [str(s) for s in layers]
 
 
+def default_layers(encoder) -> list[str]:
+    """FFF's layers when none are named: every Conv2d of a CNN; on a transformer (blocks found by
+    type, :mod:`genaf.encoders.layout`), whose only convolution is the patch embedding, that
+    convolution and every block's output."""
+    from ..encoders.layout import block_names, is_transformer
+
+    convs = [n for n in encoder.weight_layer_names() if isinstance(encoder.get_layer(n), nn.Conv2d)]
+    backbone = getattr(encoder, "backbone", encoder)
+    if is_transformer(backbone):
+        return convs[:1] + block_names(backbone)
+    return convs
+
+
 @register_attack("fff")
 class FFF(UniversalAttack):
-    """Data-free universal δ maximising ``Σ_ℓ log mean|A_ℓ(0.5 + δ)|`` over Conv2d layers.
+    """Data-free universal δ maximising ``Σ_ℓ log mean|A_ℓ(0.5 + δ)|`` over Conv2d layers (a
+    transformer: its patch embedding and blocks, :func:`default_layers`).
 
     Options: ``eps``, ``lr`` (Adam), ``iterations``, ``halve_every``, ``saturation`` (fraction
     of entries at ±ε above which δ is halved), ``layers`` (comma-separated backbone names; empty
-    for every Conv2d), ``size`` (δ's side; 0 = the data's resolution, else the encoder's
+    for :func:`default_layers`), ``size`` (δ's side; 0 = the data's resolution, else the encoder's
     ``input_size``), ``seed`` (uniform init in [−ε, ε]).
     """
 
@@ -89,11 +103,11 @@ class FFF(UniversalAttack):
         self.saturation = float(cfg.get("saturation", 0.5))
         if not self.lr > 0 or self.iterations < 0:
             raise ConfigError(f"fff wants lr > 0 and iterations >= 0, got lr={self.lr}, iterations={self.iterations}")
-        names = _layer_list(cfg.get("layers"))
+        names = _layer_list(cfg.get("layers")) or default_layers(encoder)
         if not names:
-            names = [n for n in encoder.weight_layer_names() if isinstance(encoder.get_layer(n), nn.Conv2d)]
-        if not names:
-            raise ConfigError("fff found no Conv2d layer in the encoder; name some with layers=...")
+            raise ConfigError(
+                "fff found no Conv2d layer or transformer block in the encoder; name some with layers=..."
+            )
         self.layers = names
         self.tap = LayerTap(encoder, names, stop_early=False)
 

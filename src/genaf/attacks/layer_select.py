@@ -18,8 +18,6 @@ or ``location_auto`` for the patch's place).
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 
@@ -30,15 +28,15 @@ from .base import eval_mode
 AUTO_KEYS = ("layer", "layer2", "location")
 LAYER_KEYS = ("layer", "layer2")
 HELD_OUT_FRACTION = 0.2
-_LOW_BLOCK = re.compile(r"^layer[12]\.\d+$")
 
 
 def low_layer_candidates(encoder) -> list[str]:
-    """The stem output and every residual block of the first two stages (ResNet naming)."""
-    names = encoder.layer_names()
-    low = [n for n in names if _LOW_BLOCK.match(n)]
-    stem = ["relu"] if "relu" in names else []
-    return stem + low
+    """The low layers an attacker may hook (:func:`genaf.encoders.layout.low_layers`): the stem's
+    output and every block of the first two ResNet stages (the first half of a CNN's stages), or
+    a transformer's patch embedding and the blocks of its first half."""
+    from ..encoders.layout import low_layers
+
+    return low_layers(getattr(encoder, "backbone", encoder))
 
 
 def candidates_for(attack, key: str) -> list[str]:
@@ -54,12 +52,14 @@ def candidates_for(attack, key: str) -> list[str]:
     if not names:
         raise ConfigError(
             f"{attack.name}: {key}: auto needs layer_candidates for this encoder (no ResNet stem or "
-            "stage-1/2 blocks found); set layer_candidates to a comma-separated list of its layers"
+            "stage-1/2 blocks and no transformer blocks found); set layer_candidates to a comma-separated "
+            "list of its layers"
         )
     for n in names:
         attack.encoder.get_layer(n)  # an unknown name lists the available ones
-    other = [attack.cfg.get(k) for k in LAYER_KEYS if k != key]
-    return [n for n in names if n not in other]
+    resolve = getattr(attack.encoder, "resolve_layer", lambda n: n)
+    other = {resolve(str(attack.cfg.get(k))) for k in LAYER_KEYS if k != key and attack.cfg.get(k)}
+    return [n for n in names if resolve(n) not in other]
 
 
 def split_surrogate(data: ImageSet) -> tuple[ImageSet, ImageSet]:

@@ -18,6 +18,18 @@ def encoder_hash(encoder: nn.Module) -> str:
     return tensor_hash({k: v for k, v in encoder.state_dict().items()})
 
 
+def layer_modules(encoder: nn.Module, cfg: dict) -> dict:
+    """``{"layer_modules": {name: module}}`` for the layer options that are aliases on this encoder
+    (a ViT's ``layer2`` is ``blocks.1``, :mod:`genaf.encoders.layout`), so a perturbation records
+    the module it was crafted on; ``{}`` when every name is the module's own."""
+    resolve = getattr(encoder, "resolve_layer", None)
+    names = [cfg.get(k) for k in ("layer", "layer2")]
+    names += [n.strip() for n in str(cfg.get("layers") or "").split(",")]
+    found = {n: resolve(n) for n in names if resolve and isinstance(n, str) and n and n != "auto"}
+    found = {n: m for n, m in found.items() if m != n}
+    return {"layer_modules": found} if found else {}
+
+
 class UniversalAttack(EncoderAttack):
     """Sign-gradient ascent on one shared δ (‖δ‖∞ ≤ ε) over batches of surrogate images.
 
@@ -72,7 +84,7 @@ class UniversalAttack(EncoderAttack):
             kind="additive",
             eps=self.eps,
             attack=self.name,
-            config=dict(self.cfg, preset=self.preset),
+            config=dict(self.cfg, preset=self.preset, **layer_modules(self.encoder, self.cfg)),
             encoder_hash=encoder_hash(self.encoder),
             encoder_source=str(getattr(self.encoder, "meta", {}).get("source", "")),
             surrogate=surrogate,

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import CheckpointError, SpecError
 from .resnet import build_backbone
+from .vit import nearest_valid_sizes
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -97,9 +98,33 @@ class Encoder(nn.Module):
         """Names of every Conv2d/Linear module of the backbone (attack hooks, stage 2)."""
         return [n for n, m in self.backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
-    def get_layer(self, name: str) -> nn.Module:
-        """The backbone module called ``name``; an unknown name lists the available ones."""
+    def check_input_size(self, h: int, w: int) -> None:
+        """Raise a one-line SpecError when the backbone cannot take (h, w) images (a ViT: a side
+        that is not a multiple of its patch); backbones without a constraint accept any size."""
+        check = getattr(self.backbone, "check_input_size", None)
+        if callable(check):
+            check(int(h), int(w))
+
+    def layer_aliases(self) -> dict[str, str]:
+        """ResNet layer names (``relu``, ``layer1``..``layer4``) this backbone lacks, mapped to its
+        own modules by type (a ViT's patch embedding and blocks; :mod:`genaf.encoders.layout`)."""
+        from .layout import layer_aliases
+
+        return layer_aliases(self.backbone)
+
+    def resolve_layer(self, name: str) -> str:
+        """The backbone module name that ``name`` refers to (itself, or what its alias maps to)."""
         modules = dict(self.backbone.named_modules())
+        if name in modules:
+            return name
+        return self.layer_aliases().get(name, name)
+
+    def get_layer(self, name: str) -> nn.Module:
+        """The backbone module called ``name`` (or aliased by it, see :meth:`layer_aliases`); an
+        unknown name lists the available ones."""
+        modules = dict(self.backbone.named_modules())
+        if name and name not in modules:
+            name = self.layer_aliases().get(name, name)
         if name not in modules or not name:
             from ..errors import did_you_mean
 
@@ -159,12 +184,6 @@ def size_rule(meta: dict) -> str:
     if patch:
         return f"any multiple of {patch} (position embeddings interpolated)"
     return "any size"
-
-
-def nearest_valid_sizes(size: int, patch: int) -> list[int]:
-    """The multiples of ``patch`` just below and above ``size`` (positive ones only)."""
-    lo, hi = (size // patch) * patch, (size // patch + 1) * patch
-    return [s for s in (lo, hi) if s > 0]
 
 
 def check_image_size(meta: dict, size: int | tuple[int, int], where: str = "--image-size") -> None:

@@ -29,6 +29,22 @@ DEMO_META: dict = {
     "pretrain_dataset": "fashion-mnist",
 }
 
+_FM_NORM = {"mean": list(FASHION_MNIST_MEAN), "std": list(FASHION_MNIST_STD), "pretrain_dataset": "fashion-mnist"}
+
+# The demo ViT: genaf's vit-tiny at Fashion-MNIST's 28 px (7 × 7 patches of 4 px).
+DEMO_META_VIT: dict = {
+    "arch": "vit-tiny",
+    "patch_size": 4,
+    "embed_dim": 96,
+    "depth": 4,
+    "num_heads": 3,
+    "mlp_ratio": 4.0,
+    "pool": "cls",
+    "in_chans": 3,
+    "input_size": 28,
+    **_FM_NORM,
+}
+
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "demo_encoder.safetensors"
 
 
@@ -53,11 +69,23 @@ def demo_encoder() -> Encoder:
     return enc
 
 
+def random_meta(name: str) -> dict:
+    """The metadata of ``random:NAME``: 'demo' (the demo ResNet) or a genaf ViT arch such as
+    'vit-tiny' (at the demo's 28 px and Fashion-MNIST normalisation)."""
+    from .vit import VIT_ARCHS, vit_meta
+
+    if name == "demo":
+        return dict(DEMO_META)
+    if name in VIT_ARCHS:
+        return dict(DEMO_META_VIT if name == DEMO_META_VIT["arch"] else vit_meta(name, 28), **_FM_NORM)
+    raise SpecError(
+        f"random:{name} is not available; use random:demo or one of " + ", ".join(f"random:{a}" for a in VIT_ARCHS)
+    )
+
+
 def random_encoder(name: str = "demo", seed: int = 0) -> Encoder:
-    """The architecture of ``name`` (only 'demo' for now) with seeded random weights."""
-    if name != "demo":
-        raise SpecError(f"random:{name} is not available; use random:demo")
-    meta = dict(DEMO_META, method="random-init", source=f"random:{name}")
+    """The architecture of ``name`` (see :func:`random_meta`) with seeded random weights."""
+    meta = dict(random_meta(name), method="random-init", source=f"random:{name}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = build_backbone(meta)

@@ -41,7 +41,9 @@ class ResNetBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
-            raise SpecError(f"unknown ResNet arch '{arch}'; choose one of: {', '.join(ARCHS)}")
+            from .vit import VIT_ARCHS
+
+            raise SpecError(f"unknown arch '{arch}'; choose one of: {', '.join([*ARCHS, *VIT_ARCHS])}")
         if stem not in ("imagenet", "cifar"):
             raise SpecError(f"unknown stem '{stem}'; use 'imagenet' or 'cifar'")
         block, layers = ARCHS[arch]
@@ -95,8 +97,13 @@ class ResNetBackbone(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def build_backbone(meta: dict) -> ResNetBackbone:
-    """Build a backbone from an encoder's metadata dict (arch, width, stem, stem_padding)."""
+def build_backbone(meta: dict) -> nn.Module:
+    """Build a backbone from an encoder's metadata dict: a genaf ViT when ``arch`` names one
+    (:mod:`genaf.encoders.vit`), else a ResNet (arch, width, stem, stem_padding)."""
+    from .vit import build_vit, is_vit_arch
+
+    if is_vit_arch(meta.get("arch")):
+        return build_vit(meta)
     return ResNetBackbone(
         arch=meta.get("arch", "resnet18"),
         width=int(meta.get("width", 64)),

@@ -18,7 +18,11 @@ Cost (what makes scoring every layer cheap):
   below the scored layer and the backward pass never runs past it.
 
 A *unit* is a named parameter group picked by a selector (here: each Conv2d/Linear weight),
-so other architectures (e.g. ViT blocks) can be scored by passing other units.
+so other groupings can be scored by passing other units. The default is by module type, so it
+serves every backbone: a ResNet's convolutions and the head's Linear layers; a Vision
+Transformer's patch-embedding convolution and, per block, ``attn.qkv``, ``attn.proj``,
+``mlp.fc1`` and ``mlp.fc2``. Normalisation layers (BatchNorm, LayerNorm), position embeddings
+and class tokens are never units: they stay frozen in stage 2.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from ..attacks.whitebox import frozen_params
 
 def weight_units(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The default selector: every Conv2d/Linear module's weight, by full module name
-    (BatchNorm excluded). Other selectors may return several tensors per unit (e.g. a ViT
-    block), which are then perturbed jointly under one Frobenius budget."""
+    (BatchNorm, LayerNorm, position embeddings and class tokens excluded). Other selectors may
+    return several tensors per unit (e.g. a whole ViT block), which are then perturbed
+    jointly under one Frobenius budget."""
     return {n: [m.weight] for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 

@@ -58,8 +58,10 @@ def craft_probe(model: nn.Module, ctx: Context, cfg: dict, key: str) -> tuple[to
 
 
 def select_layers(model: nn.Module, ctx: Context, cfg: dict, n_selected, key: str, label: str) -> dict:
-    """Score every Conv2d/Linear layer on a PGD probe and pick the ``n_selected(n_units)``
-    lowest. Returns the JSON-able artefacts (``sensitivity``, ``selected``, ``k``, ...)."""
+    """Score every Conv2d/Linear layer (a ViT: each block's qkv, proj, fc1, fc2, the patch
+    embedding and the head; :func:`~genaf.methods.sensitivity.weight_units`) on a PGD probe and
+    pick the ``n_selected(n_units)`` lowest. Returns the JSON-able artefacts (``sensitivity``,
+    ``selected``, ``k``, ...)."""
     adv, ys = craft_probe(model, ctx, cfg, key)
     units = weight_units(model)
     k = int(n_selected(len(units)))
@@ -117,11 +119,16 @@ def unfreeze(model: nn.Module) -> None:
         p.requires_grad_(True)
 
 
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
 def freeze_batchnorm(model: nn.Module) -> None:
-    """Every BatchNorm layer in eval mode: running statistics neither used from the batch
-    nor updated."""
+    """Every normalisation layer (BatchNorm, and a ViT's LayerNorm/GroupNorm alike) in eval mode:
+    BatchNorm's running statistics are neither used from the batch nor updated. Their affine
+    parameters are never units (:func:`~genaf.methods.sensitivity.weight_units`), so they stay
+    frozen with everything else that is not selected."""
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, NORM_LAYERS):
             m.eval()
 
 
