@@ -53,7 +53,45 @@ def tiny_vit(folder: Path) -> str:
     return _write(folder, "vit", dict(DEMO_META_VIT, embed_dim=32, depth=2, num_heads=2))
 
 
-ENCODERS: dict[str, Callable[[Path], str]] = {"resnet": tiny_resnet, "vit": tiny_vit}
+def tiny_timm_vit(folder: Path) -> str:
+    """timm's own ``test_vit`` (6 blocks, width 64, patch 16: one patch token at 16 px), random
+    weights saved as safetensors and read back through the ``timm:`` scheme."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    path = folder / "timm-test_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return f"timm:test_vit:{path}"
+
+
+def tiny_hf_vit(folder: Path) -> str:
+    """A Hugging Face ``ViTModel`` folder (width 32, 2 layers, patch 4, 16 px), read through ``hf:``."""
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        size = {"patch_size": 4, "image_size": 16}
+        cfg = transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **size
+        )
+        model = transformers.ViTModel(cfg).eval()
+    target = folder / "hf-vit"
+    model.save_pretrained(str(target))
+    prep = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "crop_size": {"height": 16, "width": 16}}
+    (target / "preprocessor_config.json").write_text(json.dumps(prep))
+    return f"hf:{target}"
+
+
+ENCODERS: dict[str, Callable[[Path], str]] = {
+    "resnet": tiny_resnet,
+    "vit": tiny_vit,
+    "timm-vit": tiny_timm_vit,
+    "hf-vit": tiny_hf_vit,
+}
 
 # Options cut to the smallest useful budget, wherever an entry has them.
 TINY_METHOD = {
@@ -102,7 +140,20 @@ def data():
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("encoders")
-    return {name: factory(folder) for name, factory in ENCODERS.items()}
+    return {name: _Lazy(factory, folder) for name, factory in ENCODERS.items()}
+
+
+class _Lazy:
+    """An encoder spec written on first use (a factory whose optional extra is missing skips only
+    the tests of that encoder)."""
+
+    def __init__(self, factory, folder: Path) -> None:
+        self.factory, self.folder, self.spec = factory, folder, None
+
+    def __str__(self) -> str:
+        if self.spec is None:
+            self.spec = self.factory(self.folder)
+        return self.spec
 
 
 def _tiny(options: dict, tiny: dict) -> dict:
@@ -115,7 +166,7 @@ def test_every_method_runs(tmp_path, data, specs, encoder, method):
     mc = _tiny(create_method(method).cfg, TINY_METHOD)
     out = tmp_path / "run"
     m = api.finetune(
-        specs[encoder],
+        str(specs[encoder]),
         "fashion-mnist-demo",
         method,
         out,
@@ -127,7 +178,7 @@ def test_every_method_runs(tmp_path, data, specs, encoder, method):
     )
     assert 0 <= m["clean_acc"] <= 1 and all(0 <= v <= 1 for v in m["robust_acc"].values())
     model = load_model(out)
-    assert model.encoder.arch == load_encoder(specs[encoder]).arch
+    assert model.encoder.arch == load_encoder(str(specs[encoder])).arch
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     logits = model(data.test.float_images()[:4])
     assert logits.shape == (4, data.num_classes) and torch.isfinite(logits).all()
@@ -136,7 +187,7 @@ def test_every_method_runs(tmp_path, data, specs, encoder, method):
 @pytest.mark.parametrize("encoder", list(ENCODERS))
 @pytest.mark.parametrize("attack", [a for a in attack_names() if a not in SKIP])
 def test_every_attack_runs(data, specs, encoder, attack):
-    enc = load_encoder(specs[encoder])
+    enc = load_encoder(str(specs[encoder]))
     cls = _ATTACKS[attack]
     preset = cls.presets["cpu"]
     over = _tiny(preset, TINY_ATTACK)
