@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from _reliability import recorder, section
 from genaf.attacks.perturbation import MAX_PATCH_FRACTION, Perturbation
 from genaf.errors import CheckpointError
 
 EPS = 16 / 255
+_record = recorder("perturbation-budget.json", section(2))
 
 
 def write(path, delta, mask=None, **meta):
@@ -60,17 +62,20 @@ LIES = [
 
 
 @pytest.mark.parametrize("what,delta,mask,meta,needle", LIES, ids=[c[0] for c in LIES])
-def test_lying_files_are_refused_in_one_line(tmp_path, what, delta, mask, meta, needle):
+def test_lying_files_are_refused_in_one_line(tmp_path, what, delta, mask, meta, needle, reliability):
     path = write(tmp_path / "p.pt", delta, mask, **meta)
+    reliability["input"] = f"Perturbation.load: {what}"
     with pytest.raises(CheckpointError) as info:
         Perturbation.load(path)
     msg = str(info.value)
+    reliability["message"] = msg.replace(str(tmp_path), "$TMP")
     assert needle in msg and str(path) in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_a_delta_at_its_budget_loads_in_any_float_dtype(tmp_path, dtype):
+def test_a_delta_at_its_budget_loads_in_any_float_dtype(tmp_path, dtype, reliability):
     """δ clamped to ε in float32/float64 and then stored in half precision rounds past ε: allowed."""
+    reliability.update(input=f"δ at ε = 16/255 stored as {dtype}", outcome="accepted")
     d = (torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1).clamp(-EPS, EPS)
     d.view(-1)[:2] = torch.tensor([EPS, -EPS])
     p = Perturbation.load(write(tmp_path / "p.pt", d.to(dtype), eps=EPS))
@@ -78,8 +83,9 @@ def test_a_delta_at_its_budget_loads_in_any_float_dtype(tmp_path, dtype):
     assert p.linf() >= EPS * (1 - 1e-2)
 
 
-def test_apply_clamps_whatever_delta_holds():
+def test_apply_clamps_whatever_delta_holds(reliability):
     """Before: eps <= 0 meant 'no clamp', so a δ of 0.9 recorded as ε = 0 was applied in full."""
+    reliability.update(input="δ of 0.9 set after construction, then applied", outcome="clamped to ε")
     x = torch.full((2, 3, 8, 8), 0.5)
     p = Perturbation(delta=torch.zeros(1, 1, 8, 8), eps=EPS)
     p.delta = torch.full((1, 1, 8, 8), 0.9)  # changed after construction: still clamped
@@ -89,14 +95,17 @@ def test_apply_clamps_whatever_delta_holds():
             Perturbation(delta=torch.zeros(1, 1, 8, 8), eps=bad)
 
 
-def test_save_refuses_a_delta_outside_its_budget(tmp_path):
+def test_save_refuses_a_delta_outside_its_budget(tmp_path, reliability):
+    reliability["input"] = "Perturbation.save of a δ of 0.5 with ε = 16/255"
     p = Perturbation(delta=torch.full((1, 1, 8, 8), 0.5), eps=EPS)
-    with pytest.raises(CheckpointError, match="exceeds its recorded budget"):
+    with pytest.raises(CheckpointError, match="exceeds its recorded budget") as info:
         p.save(tmp_path / "p.pt")
+    reliability["message"] = str(info.value)
     assert not (tmp_path / "p.pt").exists()
 
 
-def test_patches_up_to_the_threshold_load(tmp_path):
+def test_patches_up_to_the_threshold_load(tmp_path, reliability):
+    reliability.update(input="a patch covering 47 % of the image (under the 50 % threshold)", outcome="accepted")
     n = 16
     side = int((MAX_PATCH_FRACTION * n * n) ** 0.5)  # 11: 47 % of the image
     p = Perturbation.load(write(tmp_path / "p.pt", torch.rand(1, 3, n, n), corner_mask(n, side), kind="patch", eps=1))
@@ -106,9 +115,11 @@ def test_patches_up_to_the_threshold_load(tmp_path):
     assert torch.equal(out[..., side:, :], x[..., side:, :])
 
 
-def test_patch_fraction_above_the_threshold_is_an_option_error(tiny_encoder):
+def test_patch_fraction_above_the_threshold_is_an_option_error(tiny_encoder, reliability):
+    reliability["input"] = "advencoder-patch with patch_fraction=0.9"
     from genaf.attacks import create_attack
     from genaf.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="full-image perturbation"):
+    with pytest.raises(ConfigError, match="full-image perturbation") as info:
         create_attack("advencoder-patch", tiny_encoder, patch_fraction=0.9)
+    reliability["message"] = str(info.value)

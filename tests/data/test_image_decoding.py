@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _reliability import recorder, section
 from genaf import limits
 from genaf.data import load_dataset
 from genaf.data.imagefolder import _read_image
@@ -22,6 +23,10 @@ from genaf.errors import DataError
 
 RAMP = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)  # 0 ... 1 in 64 steps
 EXPECT = np.round(RAMP * 255).astype(np.uint8)
+MEMORY_TESTS = ("bomb", "pixel_limit", "resized", "decodes_only", "image_size")
+_record = recorder(
+    "images.json", lambda name: section(1) if any(k in name for k in MEMORY_TESTS) else section(3), "decoded"
+)
 
 
 def _decoded(path) -> np.ndarray:
@@ -32,7 +37,7 @@ def _decoded(path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("ext", [".tiff", ".pfm"])
-def test_float_image_in_unit_range_is_taken_as_is(tmp_path, ext):
+def test_float_image_in_unit_range_is_taken_as_is(tmp_path, ext, reliability):
     """Before: a float image in [0, 1] was scaled as if 0-255 and came out black."""
     p = tmp_path / f"f{ext}"
     Image.fromarray(RAMP, mode="F").save(p)
@@ -43,7 +48,7 @@ def test_float_image_in_unit_range_is_taken_as_is(tmp_path, ext):
 
 
 @pytest.mark.parametrize("ext", [".tiff", ".pfm"])
-def test_non_finite_pixels_are_refused_naming_the_file(tmp_path, ext):
+def test_non_finite_pixels_are_refused_naming_the_file(tmp_path, ext, reliability):
     """Before: NaN pixels became 0 without a word."""
     arr = RAMP.copy()
     arr[2, 3] = np.nan
@@ -53,15 +58,17 @@ def test_non_finite_pixels_are_refused_naming_the_file(tmp_path, ext):
     with pytest.raises(DataError) as info:
         _read_image(p)
     msg = str(info.value)
+    reliability.update(outcome="refused cleanly", message=msg)
     assert str(p) in msg and "2 non-finite" in msg and "\n" not in msg
 
 
-def test_float_image_outside_unit_range_is_refused_with_its_range(tmp_path):
+def test_float_image_outside_unit_range_is_refused_with_its_range(tmp_path, reliability):
     p = tmp_path / "hdr.tiff"
     Image.fromarray(RAMP * 300 - 2, mode="F").save(p)
     with pytest.raises(DataError, match=r"values in \[-2, 298\]") as info:
         _read_image(p)
     assert str(p) in str(info.value)
+    reliability.update(outcome="refused cleanly", message=str(info.value))
 
 
 def test_sixteen_and_thirty_two_bit_integer_images(tmp_path):
@@ -146,7 +153,7 @@ def run_limited(argv: list[str], tmp_path: Path, env_extra: dict | None = None) 
                           cwd=tmp_path)
 
 
-def test_decompression_bombs_are_refused_from_the_header_in_bounded_memory(tmp_path):
+def test_decompression_bombs_are_refused_from_the_header_in_bounded_memory(tmp_path, reliability):
     """Before: three 12000² 1-bit PNGs (a few KB each) were decoded to RGB, ~430 MB each, and
     resized in float: past the data limit, a traceback."""
     root = bomb_folder(tmp_path / "bombs")
@@ -155,12 +162,20 @@ def test_decompression_bombs_are_refused_from_the_header_in_bounded_memory(tmp_p
             "--image-size", "8", "--epochs", "1", "--out", str(tmp_path / "run")]
     r = run_limited(argv, tmp_path)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    reliability.update(
+        input="three 12000x12000 1-bit PNGs (<100 KB each) in an image folder, genaf finetune, RLIMIT_DATA 2 GiB",
+        outcome="refused cleanly",
+        message=(lines[-1] if lines else f"exit {r.returncode}").replace(str(tmp_path), "$TMP"),
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "bomb" in lines[0] and "12000x12000" in lines[0] and "max_image_pixels" in lines[0]
 
 
-def test_the_pixel_limit_can_be_raised_for_a_trusted_image(tmp_path):
+def test_the_pixel_limit_can_be_raised_for_a_trusted_image(tmp_path, reliability):
+    reliability.update(
+        input="a 300x300 image under max_image_pixels=10000, then 100000", outcome="refused, then read when raised"
+    )
     p = one_bit_png(tmp_path / "big.png", 300)
     limits.set_limit("max_image_pixels", 10_000)
     try:
@@ -190,10 +205,15 @@ def count_resized(monkeypatch):
     return seen
 
 
-def test_only_the_images_of_the_splits_are_resized(tiny_data, count_resized):
+def test_only_the_images_of_the_splits_are_resized(tiny_data, count_resized, reliability):
     """Before: the 5,000-image surrogate reserve was resized with every split (5,128 images for
     --image-size 96 --n-train 64 --n-val 32 --n-test 32); now 128, and the reserve's first n when asked."""
     dm = load_dataset("fashion-mnist", image_size=96, n_train=64, n_val=32, n_test=32, seed=0)
+    reliability.update(
+        input="fashion-mnist --image-size 96 --n-train 64 --n-val 32 --n-test 32",
+        outcome="only the used images resized",
+        message=f"{sum(count_resized)} images resized (5,128 before: the whole surrogate reserve too)",
+    )
     assert sum(count_resized) == 64 + 32 + 32
     assert dm.train.images.shape == (64, 3, 96, 96)
     sur = dm.surrogate(16)
@@ -204,7 +224,7 @@ def test_only_the_images_of_the_splits_are_resized(tiny_data, count_resized):
     assert torch.equal(sur.indices, dm.surrogate_pool.indices[:16])
 
 
-def test_image_folder_decodes_only_the_images_its_splits_use(tmp_path):
+def test_image_folder_decodes_only_the_images_its_splits_use(tmp_path, reliability):
     """A broken image in the unused part of an image folder is never opened."""
     root = tmp_path / "task"
     for c in ("a", "b"):
@@ -218,13 +238,19 @@ def test_image_folder_decodes_only_the_images_its_splits_use(tmp_path):
     unused.write_bytes(b"not an image")
     again = load_dataset(f"imagefolder:{root}", image_size=8, n_train=4, n_val=2, seed=0)
     assert torch.equal(again.train.images, dm.train.images)
+    reliability.update(outcome="unused image never opened")
 
 
-def test_image_size_above_the_limit_is_refused_in_bounded_memory(tmp_path):
+def test_image_size_above_the_limit_is_refused_in_bounded_memory(tmp_path, reliability):
     """Before: --image-size 100000 went on to allocate 64 x 3 x 10^10 bytes (a traceback)."""
     argv = ["finetune", "--encoder", "random:demo", "--method", "sft", "--n-train", "64", "--n-val", "32",
             "--n-test", "32", "--epochs", "1", "--image-size", "100000", "--out", str(tmp_path / "run")]
     r = run_limited(argv, tmp_path)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    reliability.update(
+        input="genaf finetune --image-size 100000 (RLIMIT_DATA 2 GiB)",
+        outcome="refused cleanly",
+        message=(lines[-1] if lines else f"exit {r.returncode}").replace(str(tmp_path), "$TMP"),
+    )
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "max_image_size" in lines[0] and "100000" in lines[0]
