@@ -24,17 +24,17 @@ DOC = ROOT / "docs" / "RELIABILITY.md"
 
 REFUSED, FAILED = "refused cleanly", "failed"
 BAD_INPUT = "Bad input"
-# the failure classes of issue 18: number -> (title, where they are tested)
+# the failure classes of issue 18 (fragments name them 'N. ...'): number -> (title, where tested)
 CLASSES = {
-    1: ("Small files that exhaust memory", "tests/test_memory_limits.py, tests/data/test_image_decoding.py"),
-    2: ("A perturbation file can lie about its budget", "tests/attacks/test_perturbation_budget.py"),
-    3: ("Images decoded wrongly", "tests/data/test_image_decoding.py"),
+    1: ("Memory: small files that claim a lot", "tests/test_memory_limits.py, tests/data/test_image_decoding.py"),
+    2: ("Perturbation budgets", "tests/attacks/test_perturbation_budget.py, tests/test_reliability_table.py"),
+    3: ("Image decoding", "tests/data/test_image_decoding.py, tests/test_reliability_table.py"),
     4: ("Configs", "tests/test_configs.py"),
-    5: ("Interrupted runs that do not resume exactly", "tests/test_kill_resume.py"),
-    6: ("--resume with other flags", "tests/test_faults.py"),
+    5: ("Interrupted runs", "tests/test_kill_resume.py"),
+    6: ("Resume with other options", "tests/test_faults.py"),
     7: ("Names that collide", "tests/test_faults.py, tests/test_honesty.py"),
-    8: ("Ordinary faults end in tracebacks", "tests/test_faults.py, tests/test_full_disk.py"),
-    9: ("A real checkpoint refused for a part genaf never uses", "tests/test_memory_limits.py"),
+    8: ("Ordinary faults", "tests/test_faults.py, tests/test_full_disk.py"),
+    9: ("Placeholders for checkpoint parts genaf never uses", "tests/test_memory_limits.py"),
 }
 
 
@@ -57,8 +57,12 @@ def write_fragment(name: str, rows: list[dict], merge: bool = False) -> Path:
         assert not missing, f"fragment row lacks {missing}: {r}"
     path = FRAGMENTS / name
     if merge and path.is_file():
-        new = {(r["section"], r["input"]) for r in rows}
-        old = [r for r in json.loads(path.read_text()) if (r["section"], r["input"]) not in new]
+
+        def key(r: dict) -> tuple:
+            return _class_of(r["section"]) or r["section"], r["input"]
+
+        new = {key(r) for r in rows}
+        old = [r for r in json.loads(path.read_text()) if key(r) not in new]
         rows = old + rows
     _write_json(path, rows)
     return path
@@ -103,7 +107,8 @@ def recorder(fragment: str, section_of: str | Callable[[str], str], outcome: str
             row["message"] = one_line(str(rep.longrepr).strip().splitlines()[-1] if rep.longrepr else "")
         elif "call" not in reports:
             return
-        row["message"] = one_line(row["message"])
+        # the test asserted the outcome; without a message of its own, name the test that did
+        row["message"] = one_line(row["message"]) or f"asserted by `{request.node.nodeid}`"
         rows[(row["section"], row["input"])] = row
         write_fragment(fragment, list(rows.values()), merge=True)
 

@@ -39,6 +39,7 @@ def _decoded(path) -> np.ndarray:
 @pytest.mark.parametrize("ext", [".tiff", ".pfm"])
 def test_float_image_in_unit_range_is_taken_as_is(tmp_path, ext, reliability):
     """Before: a float image in [0, 1] was scaled as if 0-255 and came out black."""
+    reliability["input"] = f"float (mode F) {ext} image with values in [0, 1]"
     p = tmp_path / f"f{ext}"
     Image.fromarray(RAMP, mode="F").save(p)
     assert Image.open(p).mode == "F"
@@ -50,6 +51,7 @@ def test_float_image_in_unit_range_is_taken_as_is(tmp_path, ext, reliability):
 @pytest.mark.parametrize("ext", [".tiff", ".pfm"])
 def test_non_finite_pixels_are_refused_naming_the_file(tmp_path, ext, reliability):
     """Before: NaN pixels became 0 without a word."""
+    reliability["input"] = f"float {ext} image with a NaN and an inf pixel"
     arr = RAMP.copy()
     arr[2, 3] = np.nan
     arr[4, 4] = np.inf
@@ -71,7 +73,8 @@ def test_float_image_outside_unit_range_is_refused_with_its_range(tmp_path, reli
     reliability.update(outcome="refused cleanly", message=str(info.value))
 
 
-def test_sixteen_and_thirty_two_bit_integer_images(tmp_path):
+def test_sixteen_and_thirty_two_bit_integer_images(tmp_path, reliability):
+    reliability["input"] = "16-bit PNG (I;16) and 32-bit integer TIFF (I) ramps to 65535 (mode I below 0 refused)"
     a16 = (RAMP * 65535).round().astype(np.uint16)
     Image.fromarray(a16).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode == "I;16"
@@ -86,7 +89,8 @@ def test_sixteen_and_thirty_two_bit_integer_images(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "P", "LA", "RGBA", "1"])
-def test_eight_bit_modes(tmp_path, mode):
+def test_eight_bit_modes(tmp_path, mode, reliability):
+    reliability["input"] = f"8-bit PNG of mode {mode}: a ramp 0..255"
     gray = (RAMP * 255).round().astype(np.uint8)
     if mode == "1":
         img = Image.fromarray(gray).convert("1", dither=Image.Dither.NONE)
@@ -238,7 +242,7 @@ def test_image_folder_decodes_only_the_images_its_splits_use(tmp_path, reliabili
     unused.write_bytes(b"not an image")
     again = load_dataset(f"imagefolder:{root}", image_size=8, n_train=4, n_val=2, seed=0)
     assert torch.equal(again.train.images, dm.train.images)
-    reliability.update(outcome="unused image never opened")
+    reliability.update(input="an image folder whose unused image is broken", outcome="unused image never opened")
 
 
 def test_image_size_above_the_limit_is_refused_in_bounded_memory(tmp_path, reliability):
