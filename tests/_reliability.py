@@ -198,7 +198,8 @@ def assemble(prose: dict[str, str] | None = None) -> str:
         ]
         for row in case_rows:
             outcome = row["outcome"] if row["outcome"] != FAILED else "**failed**"
-            out.append(f"| {_cell(row['input'])} | {outcome} | {_cell(row['message'])} |")
+            message = row["message"] or "asserted by the test files named above"
+            out.append(f"| {_cell(row['input'])} | {outcome} | {_cell(message)} |")
     for title, text in prose.items():
         if not any(title == (section(k) if isinstance(k, int) else k) for k in keys):
             out += ["", f"## {title}", "", text]
