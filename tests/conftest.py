@@ -14,6 +14,16 @@ else:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (tests/_reliability.py records real outcomes)."""
+    rep = yield
+    if not hasattr(item, "genaf_reports"):
+        item.genaf_reports = {}
+    item.genaf_reports[rep.when] = rep
+    return rep
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module's duration (``pytestmark = pytest.mark.usefixtures(

@@ -110,7 +110,7 @@ def test_perturbation_applied_check_catches_a_misapplied_perturbation():
     # a patch: pasted where the mask is, nothing bounds its distance, the rest is untouched
     mask = torch.zeros(1, 1, 4, 4)
     mask[..., :2, :2] = 1
-    patch = Perturbation(delta=torch.ones(1, 1, 4, 4), kind="patch", mask=mask, eps=0.05, attack="hand")
+    patch = Perturbation(delta=torch.ones(1, 1, 4, 4), kind="patch", mask=mask, eps=1.0, attack="hand")
     assert check_perturbed_batch(x, patch.apply(x), None, independent_perturbed(patch, x))["passed"]
     rep = check_perturbed_batch(x, (x + 0.05).clamp(0, 1), None, independent_perturbed(patch, x))
     assert not rep["passed"]

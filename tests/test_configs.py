@@ -8,8 +8,11 @@ import sys
 
 import pytest
 
+from _reliability import recorder, section
 from genaf.config import safe_yaml
 from genaf.errors import ConfigError
+
+_record = recorder("configs.json", section(4))
 
 BOMB = "\n".join(
     [

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from _reliability import recorder, section
 from genaf.api import run_lock
+
+_record = recorder(
+    "faults.json",
+    lambda n: section(6) if "resume_with_other" in n else section(7) if "folder_in_use" in n else section(8),
+)
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed")

@@ -6,9 +6,12 @@ import json
 import pytest
 import torch
 
+from _reliability import recorder, section
 from genaf import utils
 from genaf.attacks.perturbation import Perturbation
 from genaf.errors import GenafError
+
+_record = recorder("full-disk.json", section(8), "handled: earlier files intact")
 
 
 def _full_disk_after(n_bytes: int):

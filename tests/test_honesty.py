@@ -11,11 +11,14 @@ import pytest
 import torch
 
 import genaf
+from _reliability import recorder, section
 from genaf.attacks import Perturbation
 from genaf.cli import main
 from genaf.data import load_dataset
 from genaf.data.module import index_digest
 from genaf.methods.base import create_method
+
+_record = recorder("names.json", lambda n: section(7) if "one_stem" in n else None, "both kept")
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed")

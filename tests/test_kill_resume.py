@@ -11,6 +11,10 @@ import time
 import pytest
 import torch
 
+from _reliability import recorder, section
+
+_record = recorder("kill-resume.json", section(5), "resumed exactly")
+
 ARGS = [
     "finetune",
     "--encoder",

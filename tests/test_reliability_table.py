@@ -1,6 +1,7 @@
 """Every bad input we know of ends with a one-line error naming the problem and exit code 2.
 
-Running this file regenerates docs/RELIABILITY.md (the table of inputs tried and outcomes).
+Running this file writes docs/reliability/cli-inputs.json (the command-line cases below) and
+regenerates docs/RELIABILITY.md from every fragment in docs/reliability/ (see tests/_reliability.py).
 """
 
 from __future__ import annotations
@@ -8,13 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from _reliability import BAD_INPUT, FAILED, REFUSED, assemble, one_line, section, write_fragment
 from genaf.cli import main
-
-DOC = Path(__file__).resolve().parents[1] / "docs" / "RELIABILITY.md"
 
 
 def _png(path: Path, size: int = 8, mode: str = "RGB") -> None:
@@ -87,15 +88,33 @@ def files(tmp_path_factory, tiny_data):
     with torch.no_grad():
         next(enc.parameters()).fill_(float("nan"))
     save_encoder(enc, f["nan_enc"])
+    # perturbation files that lie about their budget (δ = 0.9 everywhere, at the run's 28x28)
+    big = torch.full((1, 1, 28, 28), 0.9)
+    for name, eps in (("eps0", 0.0), ("epsneg", -1.0), ("epsnan", float("nan")), ("eps50", 50.0), ("eps16", 16 / 255)):
+        f[name] = t / f"{name}.pt"
+        save_file({"delta": big}, str(f[name]), metadata={"genaf_perturbation": json.dumps({"eps": eps})})
+    f["fullpatch"] = t / "fullpatch.pt"
+    meta = {"genaf_perturbation": json.dumps({"kind": "patch", "eps": 1.0})}
+    save_file({"delta": torch.rand(1, 3, 28, 28), "mask": torch.ones(1, 1, 28, 28)}, str(f["fullpatch"]), metadata=meta)
+    # image folders with a float image: NaN pixels, values outside [0, 1]
+    from PIL import Image
+
+    for name, value in (("nanimg", float("nan")), ("hdrimg", 4.0)):
+        root = _folder(t / name, 2)
+        arr = np.full((8, 8), 0.5, dtype=np.float32)
+        arr[0, 0] = value
+        Image.fromarray(arr, mode="F").save(root / "test" / "c00" / "float.tiff")
+        f[name] = root
     return f
 
 
 # tiny splits and one epoch: should a check come late, the case still ends in seconds
 FT0 = ["finetune", "--encoder", "random:demo", "--out", "{tmp}/r"]
 FT = FT0 + ["--n-train", "64", "--n-val", "32", "--n-test", "32", "--epochs", "1"]  # later flags win
+FTF = FT0 + ["--n-val", "1", "--epochs", "1"]  # a tiny image folder: every image in a split
 EV = ["evaluate", "--model", "{run}", "--perturbation"]
 
-# (what is wrong, argv, text the one-line error must contain)
+# (what is wrong, argv, text the one-line error must contain[, section of RELIABILITY.md])
 CASES = [
     ("misspelt method", FT + ["--method", "genfa"], "did you mean 'genaf'"),
     ("unknown method", FT + ["--method", "nosuch"], "unknown method"),
@@ -144,7 +163,7 @@ CASES = [
     ("YAML config file missing", FT + ["--config", "{tmp}/none.yaml"], "does not exist"),
     ("image folder without train/ and test/", FT + ["--dataset", "imagefolder:{tmp}/nothing"], "train/ and test/"),
     ("image folder with no images", FT + ["--dataset", "imagefolder:{empty}"], "no class folders"),
-    ("image folder with an unreadable image", FT + ["--dataset", "imagefolder:{unreadable}"], "cannot read image"),
+    ("image folder with an unreadable image", FTF + ["--dataset", "imagefolder:{unreadable}"], "cannot read image"),
     ("image size 0", FT + ["--method", "sft", "--image-size", "0"], "image size"),
     ("split larger than the dataset", FT0 + ["--n-train", "100000"], "is more than the"),
     ("empty split", FT0 + ["--n-test", "0"], "must be positive"),
@@ -168,6 +187,14 @@ CASES = [
         "--out FILE",
     ),
     ("data root asked for but empty", FT0 + ["--data-root", "{tmp}"], "was asked for"),
+    ("δ of 0.9 recorded as ε = 0", EV + ["{eps0}"], "outside (0, 1]", section(2)),
+    ("δ of 0.9 recorded as ε = −1", EV + ["{epsneg}"], "outside (0, 1]", section(2)),
+    ("δ of 0.9 recorded as ε = NaN", EV + ["{epsnan}"], "outside (0, 1]", section(2)),
+    ("δ of 0.9 recorded as ε = 50", EV + ["{eps50}"], "outside (0, 1]", section(2)),
+    ("δ of 0.9 recorded as ε = 16/255", EV + ["{eps16}"], "exceeds its recorded budget", section(2)),
+    ("a 'patch' whose mask covers the whole image", EV + ["{fullpatch}"], "covers 100.0 %", section(2)),
+    ("a float image with a NaN pixel", FTF + ["--dataset", "imagefolder:{nanimg}"], "non-finite", section(3)),
+    ("a float image with values up to 4", FTF + ["--dataset", "imagefolder:{hdrimg}"], "in [0.5, 4]", section(3)),
 ]
 
 
@@ -182,7 +209,7 @@ def _fill(args: list[str], f: dict) -> list[str]:
 
 def test_bad_inputs_fail_cleanly_and_table_is_written(files, capsys):
     rows, failures = [], []
-    for i, (what, argv, needle) in enumerate(CASES):
+    for i, (what, argv, needle, *sec) in enumerate(CASES):
         argv = _fill([a.replace("{tmp}/r", f"{{tmp}}/run{i}") for a in argv], files)
         if argv[0] == "attack" and "--out" not in argv:
             argv += ["--out", str(files["tmp"] / "p.pt")]
@@ -199,9 +226,21 @@ def test_bad_inputs_fail_cleanly_and_table_is_written(files, capsys):
         if not ok:
             failures.append(f"{what}: exit {code}, stderr {err!r}")
         shown = " ".join(a.replace(str(files["tmp"]), "$TMP") for a in argv)
-        rows.append((what, shown, code, message.replace(str(files["tmp"]), "$TMP"), ok))
-    _write_doc(rows)
+        outcome = REFUSED if ok else FAILED
+        msg = one_line(message, files["tmp"])
+        rows.append(
+            {
+                "section": sec[0] if sec else BAD_INPUT,
+                "input": f"{what}: `genaf {shown}`",
+                "outcome": outcome,
+                "message": msg if ok else f"exit {code}: {msg}",
+            }
+        )
+    write_fragment("cli-inputs.json", rows)
+    text = assemble(PROSE)
     assert not failures, "\n".join(failures)
+    for r in rows:  # every case that ran is in the document
+        assert r["message"].replace("|", "\\|") in text
 
 
 def test_grayscale_and_rgb_images_are_accepted_together(tmp_path):
@@ -217,64 +256,83 @@ def test_grayscale_and_rgb_images_are_accepted_together(tmp_path):
     assert bool((imgs[:, 0] == imgs[:, 1]).all())  # the gray (and flat grey) images are replicated
 
 
-def _write_doc(rows) -> None:
-    lines = [
-        "# Reliability: bad input, untrusted files, crashes, honest evaluations",
-        "",
-        "<!-- generated by tests/test_reliability_table.py; do not edit by hand -->",
-        "",
-        "## Bad input",
-        "",
-        "Every row was run by `pytest tests/test_reliability_table.py`, which regenerates this",
-        "file. Each ends with a one-line error and exit code 2 (`--debug` shows the traceback);",
-        "none hangs and none returns a result.",
-        "",
-        "| bad input | command | exit | message |",
-        "|---|---|---|---|",
-    ]
-    for what, cmd, code, msg, ok in rows:
-        msg = msg.replace("|", "\\|")
-        lines.append(f"| {what} | `genaf {cmd}` | {code}{'' if ok else ' **(unexpected)**'} | {msg} |")
-    lines += [
-        "",
-        "Accepted on purpose (not errors): an image folder mixing grayscale and RGB images, or images "
-        "of several sizes — every image becomes RGB (grayscale replicated) and is resized to "
-        "`--image-size` (`test_grayscale_and_rgb_images_are_accepted_together`); grayscale datasets "
-        "such as Fashion-MNIST are replicated to 3 channels the same way.",
-        "",
-        "## Untrusted files",
-        "",
+PROSE = {
+    BAD_INPUT: (
+        "Command lines with a wrong name, a value out of range, a missing or malformed file: each ends with a "
+        "one-line error and exit code 2; none hangs and none returns a result. Accepted on purpose (not "
+        "errors): an image folder mixing grayscale and RGB images, or images of several sizes; every image "
+        "becomes RGB (grayscale replicated) and is resized to `--image-size` "
+        "(`test_grayscale_and_rgb_images_are_accepted_together`); grayscale datasets such as Fashion-MNIST "
+        "are replicated to 3 channels the same way."
+    ),
+    section(1): (
+        "Every reader checks what a file *claims* (tensor bytes, widths, class counts, image pixels) against "
+        "the limits of `genaf.limits` before allocating; `--limit NAME=VALUE` or `GENAF_LIMIT_<NAME>` raises a "
+        "limit for a file you trust. Images: width x height is read from the header and checked against "
+        "`max_image_pixels` (default 64,000,000) before decoding; `--image-size` against `max_image_size` "
+        "(default 1024). Only the images a split uses are decoded and resized, one at a time (an image "
+        "folder's files are opened when a split needs them; the surrogate reserve is resized when first read, "
+        "and `surrogate(n)` resizes its first n only). The memory cases run in a subprocess with "
+        "`RLIMIT_DATA` far below the machine's memory and must end with exit 2 and one line."
+    ),
+    section(2): (
+        "A perturbation file (safetensors plus a JSON header) is refused on load unless its ε is a finite "
+        "number in (0, 1] and ‖δ‖∞ ≤ ε up to float rounding (1e-6 plus the machine epsilon of δ's stored "
+        "dtype times ε, so a δ clamped to ε and saved in half precision still loads); `save` refuses the same. "
+        "`Perturbation.apply` clamps δ to [−ε, ε] and the result to [0, 1] whatever δ holds (before, ε ≤ 0 "
+        "meant no clamp at all). A patch records ε = 1 (inside its mask a pixel may take any value; its "
+        "budget is the mask's area) and may cover at most 50 % of the image: a larger 'patch' is refused as "
+        "what it is, a full-image perturbation with budget ε = 1 (real patch attacks cover a few per cent: "
+        "AdvEncoder-PAT 3 %, the adversarial-patch literature up to about 25 %); `advencoder-patch` refuses "
+        "`patch_fraction` above 0.5."
+    ),
+    section(3): (
+        "Each PIL mode is decoded by its real range: 8-bit modes (1, L, P, RGB, RGBA, LA, PA, CMYK, YCbCr) "
+        "/255 with transparency flattened onto white; 16-bit (I;16) /65535; 32-bit integer (I) as 16-bit "
+        "(Pillow gives mode I to 16-bit PNG, PGM and TIFF files), values outside [0, 65535] refused with the "
+        "range found; float (F: PFM, float TIFF) taken as is when it lies in [0, 1], refused with the range "
+        "found otherwise; non-finite pixels refused with the file named. Other modes are refused by name."
+    ),
+    section(4): (
+        "Every config path (finetune `--config`, bench files, `--set` values, a run's config.yaml): alias "
+        "bombs and recursive aliases refused, bounded size, nodes and depth, unknown keys at any depth an "
+        "error with a suggestion, types checked, binary files refused; one line, exit 2."
+    ),
+    section(5): (
+        "Checkpoints and result files are written to a temporary file and renamed into place. "
+        "`genaf finetune` killed with `kill -9` or Ctrl-C mid-epoch in stage 1 and in stage 2 resumes with "
+        "`--resume` from the last completed epoch and ends with the same metrics as an uninterrupted run."
+    ),
+    section(6): "A `--resume` whose options differ from the saved run is refused and the differences listed.",
+    section(7): (
+        "A second `genaf finetune` on a run folder in use is refused (one lock per run folder); an `--out` "
+        "that is a file or another program's folder is refused before any work."
+    ),
+    section(8): (
+        "A full disk during a checkpoint write (torch raises `RuntimeError`, tested with a file-size limit and "
+        "a 64 KiB tmpfs) gives the disk-full message and leaves the previous checkpoint intact; read-only "
+        "`--out`, 0-byte checkpoints and configs, non-positive or NaN learning rates, seeds outside 64 bits, "
+        "NaN normalisation and hand-edited results.json end in one line."
+    ),
+    "Untrusted files": (
         "Checkpoints, encoders, models and perturbations are read with safetensors, "
         "`torch.load(weights_only=True)` or a restricted unpickler that rebuilds tensors and plain "
-        "containers only (`genaf.encoders.safe_load`); YAML with `yaml.safe_load`. "
-        "`tests/test_untrusted_files.py` feeds pickles whose unpickling would create a file "
-        "(through `os.system`, `exec`, `eval`, `subprocess`, `functools.partial`; nested in a state "
-        "dict; as a plain pickle and inside a torch zip file) to every loader and checks that each is "
-        "refused with a clear message and that the file is never created.",
-        "",
-        "## Crashes",
-        "",
-        "Checkpoints and result files are written to a temporary file and renamed into place. "
-        "`tests/test_kill_resume.py` kills `genaf finetune` with `kill -9` in stage 1 and in stage 2, "
-        "resumes it with `--resume`, and checks the final metrics equal an uninterrupted run's. "
-        "Ctrl-C writes a checkpoint before exiting. `tests/test_full_disk.py` makes every write "
-        "fail half-way (as on a full disk) and checks the previous checkpoint is intact.",
-        "",
-        "## Evaluations that cannot lie",
-        "",
-        "`metrics.json` holds `checks` (see `genaf.checks`): finite deterministic logits; the first "
-        "evaluated perturbed batch of each entry equals an independent clamp(x + δ), stays in [0, 1] and "
-        "within ε and differs from the clean images; the model does not answer nearly one class; a "
-        "perturbation crafted from the run's own dataset shares no index with its train/val splits; the "
-        "PGD loss rises; robust accuracy does not rise with ε by more than 1 point; white-box robust "
-        "accuracy is not above transfer robust accuracy by more than noise. A failed check prints a "
-        "warning in the CLI and is flagged in reports. `tests/test_checks.py` and `tests/test_honesty.py` "
-        "show each check firing on a deliberately broken model or record (softmax outputs, dropout left "
-        "on, input quantisation that masks gradients, an input-magnitude gate, a misapplied perturbation, "
-        "a one-class model, surrogates taken from the training split).",
-        "",
-    ]
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOC.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(DOC)
+        "containers only (`genaf.encoders.safe_load`); YAML with a bounded safe loader. "
+        "`tests/test_untrusted_files.py` feeds pickles whose unpickling would create a file (through "
+        "`os.system`, `exec`, `eval`, `subprocess`, `functools.partial`; nested in a state dict; as a plain "
+        "pickle and inside a torch zip file) to every loader and checks that each is refused with a clear "
+        "message and that the file is never created."
+    ),
+    "Evaluations that cannot lie": (
+        "`metrics.json` holds `checks` (see `genaf.checks`): finite deterministic logits; the first evaluated "
+        "perturbed batch of each entry equals an independent clamp(x + δ), stays in [0, 1] and within ε and "
+        "differs from the clean images; the model does not answer nearly one class; a perturbation crafted "
+        "from the run's own dataset shares no index with its train/val splits; the PGD loss rises; robust "
+        "accuracy does not rise with ε by more than 1 point; white-box robust accuracy is not above transfer "
+        "robust accuracy by more than noise. A failed check prints a warning in the CLI and is flagged in "
+        "reports. `tests/test_checks.py` and `tests/test_honesty.py` show each check firing on a deliberately "
+        "broken model or record (softmax outputs, dropout left on, input quantisation that masks gradients, "
+        "an input-magnitude gate, a misapplied perturbation, a one-class model, surrogates taken from the "
+        "training split)."
+    ),
+}

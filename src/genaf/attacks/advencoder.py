@@ -60,7 +60,7 @@ from ..errors import ConfigError, did_you_mean
 from ..utils import generator
 from .base import EncoderAttack, eval_mode, register_attack
 from .layer_select import AUTO_KEYS, fit_auto
-from .perturbation import Perturbation
+from .perturbation import MAX_PATCH_FRACTION, Perturbation
 from .universal import encoder_hash
 
 # --- the plain functions of the objective --------------------------------------------------
@@ -429,8 +429,11 @@ class AdvEncoderPatch(AdvEncoder):
     def __init__(self, encoder: nn.Module, preset: str = "cpu", **cfg: Any) -> None:
         super().__init__(encoder, preset, **cfg)
         self.patch_fraction = float(cfg.get("patch_fraction", 0.03))
-        if not 0 < self.patch_fraction < 1:
-            raise ConfigError(f"patch_fraction must lie in (0, 1), got {self.patch_fraction}")
+        if not 0 < self.patch_fraction <= MAX_PATCH_FRACTION:
+            raise ConfigError(
+                f"patch_fraction must lie in (0, {MAX_PATCH_FRACTION}], got {self.patch_fraction}: a patch over more "
+                "of the image is a full-image perturbation (use an additive attack with an ε budget)"
+            )
         self.location = str(cfg.get("location", "bottom-right"))
         if self.location != "auto":
             patch_origin(8, 8, 1, self.location)  # refuses an unknown place, listing the known ones

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import limits
 from ..errors import ConfigError, DataError, unknown
 from ..utils import generator
 
@@ -160,16 +161,54 @@ def _select(x, idx: torch.Tensor):
     return x[idx]
 
 
+def _decode(t) -> torch.Tensor:
+    """A raw image: a tensor, or a not-yet-decoded file (anything with ``load()``, e.g. an image
+    folder's entries, decoded only when a split uses it)."""
+    return t.load() if hasattr(t, "load") else t
+
+
+# Resize in chunks of at most this many float elements (256 MB), whatever the image size.
+_RESIZE_CHUNK_ELEMENTS = 1 << 26
+
+
+def check_image_size(image_size: int | None) -> None:
+    """A positive ``--image-size`` within the limit ``max_image_size``."""
+    if image_size is None:
+        return
+    if int(image_size) <= 0:
+        raise ConfigError(f"image size must be a positive number of pixels, got {image_size}")
+    lim = limits.get("max_image_size")
+    if int(image_size) > lim:
+        raise limits.LimitError(
+            f"image size {int(image_size)} is more than the limit max_image_size = {lim} pixels "
+            f"(every image becomes {int(image_size)}x{int(image_size)}); use a smaller --image-size, or raise the "
+            "limit with --limit max_image_size=N or GENAF_LIMIT_MAX_IMAGE_SIZE=N"
+        )
+
+
 def _to_uint8_nchw(x, image_size: int | None, what: str) -> torch.Tensor:
-    """Stack/resize raw images to uint8 (N, 3, S, S)."""
+    """Stack/resize raw images to uint8 (N, 3, S, S); a list is decoded and resized one image at
+    a time, so only one full-size image is held at once."""
     if isinstance(x, list):
         if not x:
             return torch.zeros((0, 3, image_size or 1, image_size or 1), dtype=torch.uint8)
-        if image_size is None:
-            sizes = {tuple(t.shape[-2:]) for t in x}
-            if len(sizes) > 1:
-                raise DataError(f"{what} has images of several sizes {sorted(sizes)[:4]}...; pass an image size")
-        x = torch.stack([_resize(t.unsqueeze(0), image_size)[0] for t in x]) if image_size else torch.stack(x)
+        first = _decode(x[0])
+        size = (image_size, image_size) if image_size else tuple(first.shape[-2:])
+        out = torch.empty((len(x), 3, *size), dtype=torch.uint8)
+        for i, t in enumerate(x):
+            t = first if i == 0 else _decode(t)
+            if t.dtype != torch.uint8 or t.dim() != 3 or t.shape[0] not in (1, 3):
+                got = f"{t.dtype} {tuple(t.shape)}"
+                raise DataError(f"{what}: raw images must be uint8 (C, H, W) with C 1 or 3, got {got}")
+            if image_size:
+                t = _resize(t.unsqueeze(0), image_size)[0]
+            elif tuple(t.shape[-2:]) != size:
+                raise DataError(
+                    f"{what} has images of several sizes ({size[0]}x{size[1]}, {t.shape[-2]}x{t.shape[-1]}, ...); "
+                    "pass an image size"
+                )
+            out[i] = t
+        return out
     if x.dim() == 3:
         x = x.unsqueeze(1)
     if x.dtype != torch.uint8:
@@ -177,7 +216,9 @@ def _to_uint8_nchw(x, image_size: int | None, what: str) -> torch.Tensor:
     if x.shape[1] not in (1, 3):
         raise DataError(f"{what}: images have {x.shape[1]} channels; expected 1 (grayscale) or 3 (RGB)")
     if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size) and len(x):
-        x = torch.cat([_resize(x[i : i + 4096], image_size) for i in range(0, len(x), 4096)])
+        per = x.shape[1] * max(image_size * image_size, x.shape[-2] * x.shape[-1])
+        step = max(1, _RESIZE_CHUNK_ELEMENTS // per)
+        x = torch.cat([_resize(x[i : i + step], image_size) for i in range(0, len(x), step)])
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return x.contiguous()
@@ -188,6 +229,27 @@ def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
         return x
     y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class _DeferredSet(ImageSet):
+    """An ImageSet whose images are decoded and resized only when read, and for ``subset(n)``
+    only the first ``n``: the surrogate reserve, which most runs never touch."""
+
+    def __init__(self, raw, labels, indices, split, dataset, make) -> None:
+        self._raw, self._make, self._images = raw, make, None
+        self.labels, self.indices, self.split, self.dataset = labels, indices, split, dataset
+
+    @property
+    def images(self) -> torch.Tensor:  # type: ignore[override]
+        if self._images is None:
+            self._images = self._make(self._raw)
+            self._raw = None
+        return self._images
+
+    def subset(self, n: int | None) -> ImageSet:
+        if n is None or n >= len(self) or self._images is not None:
+            return ImageSet(self.images, self.labels, self.indices, self.split, self.dataset).subset(n)
+        return ImageSet(self._make(self._raw[:n]), self.labels[:n], self.indices[:n], self.split, self.dataset)
 
 
 # The surrogate reserve: training images that no downstream split of the dataset ever uses,
@@ -251,8 +313,7 @@ def load_dataset(
     """
     if not isinstance(spec, str) or not spec:
         raise unknown("dataset", str(spec), list(DATASETS) + ["imagefolder:PATH"])
-    if image_size is not None and int(image_size) <= 0:
-        raise ConfigError(f"image size must be a positive number of pixels, got {image_size}")
+    check_image_size(image_size)
     if spec.startswith("imagefolder:"):
         from .imagefolder import load_imagefolder_raw
 
@@ -312,9 +373,17 @@ def load_dataset(
         images = _to_uint8_nchw(_select(x, idx), image_size, f"{name} {split} split")
         return ImageSet(images, y[idx], idx.clone(), split, name)
 
+    # only the images a split uses are decoded and resized; the reserve when it is first read
     train, val = mk(train_x, train_y, train_idx, "train"), mk(train_x, train_y, val_idx, "val")
     test = mk(test_x, test_y, test_idx, "test")
-    pool = mk(train_x, train_y, reserve_idx, "surrogate")
+    pool = _DeferredSet(
+        _select(train_x, reserve_idx),
+        train_y[reserve_idx],
+        reserve_idx.clone(),
+        "surrogate",
+        name,
+        lambda raw: _to_uint8_nchw(raw, image_size, f"{name} surrogate reserve"),
+    )
     size = int(train.images.shape[-1])
     return DataModule(
         name=name,
