@@ -136,8 +136,10 @@ def check_backbone(meta: dict, what: str, on_disk: int | None = None) -> int:
     padding = _small_int(meta, "stem_padding", 0, 0, what)
     if padding > 16:
         raise CheckpointError(f"{what}: stem_padding {padding} is not a ResNet stem (expected 1-3)")
+    from .base import build_any_backbone  # timm and Hugging Face backbones too
+
     with torch.device("meta"):
-        module = build_backbone(meta)
+        module = build_any_backbone(meta)
     return check_module_bytes(module, what, on_disk)
 
 
