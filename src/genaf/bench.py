@@ -84,7 +84,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, GenafError, did_you_mean
-from .utils import atomic_write, parse_fraction, write_json
+from .utils import Progress, atomic_write, parse_fraction, write_json
 
 TOP_KEYS = (
     "name",
@@ -1341,8 +1341,17 @@ class Bench:
     def run(self) -> None:
         c = self.cfg
         units = [(s, e, d, m) for s in c.seeds for e, _ in c.encoders for d in c.datasets for m in c.methods]
-        for i, (seed, enc, ds, m) in enumerate(units, 1):
-            self.unit(enc, ds, m, seed, f"[{i}/{len(units)}] {enc} / {ds.label} / {m.label} / seed {seed}")
+        todo = sum(
+            1 for (seed, enc, ds, m) in units for k in self.unit_cells(enc, ds, m, seed) if k not in self.rows
+        )
+        # one progress line per finished unit (a fine-tuned model and its cells), ETA from the cells done so far
+        with Progress(todo, "bench", unit="cells", log=self.log) as bar:
+            for i, (seed, enc, ds, m) in enumerate(units, 1):
+                label = f"[{i}/{len(units)}] {enc} / {ds.label} / {m.label} / seed {seed}"
+                before = self.computed
+                self.unit(enc, ds, m, seed, label)
+                if self.computed > before:
+                    bar.update(self.computed - before, f"{label} done")
 
 
 def _pictures(pert, images, path: Path) -> None:
