@@ -276,6 +276,7 @@ def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, 
         device=device,
         batch_size=cfg["eval"]["batch_size"],
         seed=cfg["seed"],
+        log=log,
     )
     metrics = {
         **res["metrics"],
@@ -569,6 +570,7 @@ def evaluate(
         check_whitebox=cfg["eval"]["whitebox"],
         adversarial=adversarial,
         split_indices=None if other else {"train": dm.train.indices, "val": dm.val.indices},
+        log=log,
     )
     new = res["metrics"]
     if out is not None:
