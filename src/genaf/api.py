@@ -397,7 +397,12 @@ def craft(
     pert.config["images_seen"] = int(getattr(att, "images_seen", 0) or 0)
     pert.config["surrogate_data"] = record
     if out is not None:
-        pert.save(out)
+        from .utils import perturbation_path
+
+        path, note = perturbation_path(out)  # a perturbation is a safetensors file: its name says so
+        if note:
+            _warn(log, note)
+        pert.save(path)
     return pert
 
 
