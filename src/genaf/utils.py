@@ -111,8 +111,8 @@ def perturbation_path(path: str | os.PathLike) -> tuple[Path, str | None]:
     ends in ``.safetensors``: a name ending in a pickle/torch suffix (``.pt``, ``.pth``,
     ``.ckpt``, ``.bin``, ``.pkl``) has the suffix replaced, any other name gets
     ``.safetensors`` appended (``ssp`` -> ``ssp.safetensors``, ``ssp.v2`` ->
-    ``ssp.v2.safetensors``). ``torch.load`` cannot read these files: use
-    ``genaf.Perturbation.load`` or ``safetensors.torch.load_file``.
+    ``ssp.v2.safetensors``). Read them with ``Perturbation.load`` (the metadata too) or
+    ``safetensors.torch.load_file`` (the tensors).
     """
     p = Path(path)
     if p.suffix == PERTURBATION_SUFFIX:
@@ -123,7 +123,7 @@ def perturbation_path(path: str | os.PathLike) -> tuple[Path, str | None]:
         new = p.with_name(p.name + PERTURBATION_SUFFIX)
     return new, (
         f"writing {new} instead of {p}: a perturbation is a safetensors file, not a torch pickle "
-        "(read it with genaf.Perturbation.load or safetensors.torch.load_file, not torch.load)"
+        "(read it with genaf.attacks.perturbation.Perturbation.load or safetensors.torch.load_file)"
     )
 
 
