@@ -1067,7 +1067,7 @@ class Bench:
                 surrogate_name=sur_name,
                 device=str(self.dev),
                 out=path,
-                log=None,
+                log=self.log,
                 **a.options,
             )
         if not path.with_suffix(".delta.png").is_file():

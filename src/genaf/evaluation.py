@@ -165,6 +165,7 @@ def evaluate_model(
         if torch.is_tensor(xa) and len(xa) != len(test):
             raise DataError(f"per-sample DAE '{name}' holds {len(xa)} images for {len(test)} evaluated images")
     report = None
+    bar = None
     applied: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     try:
@@ -216,8 +217,9 @@ def evaluate_model(
                 seconds[name] = seconds.get(name, 0.0) + time.time() - t0
                 bar.update(1, f"{at}: {name} (white-box, {seconds[name]:.1f} s so far)")
             start += len(x)
-        bar.close()
     finally:
+        if bar is not None:
+            bar.close()
         for m, t in was:
             m.train(t)
     y = torch.cat(labels)
