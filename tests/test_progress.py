@@ -132,3 +132,22 @@ def test_quiet_removes_the_progress_lines(tiny_run, tmp_path):
                   "--device", "cpu", "--quiet")
     assert "attack batches" not in text and "PGD runs" not in text and "ETA" not in text
     assert "clean accuracy" in text
+
+
+def test_pretraining_reports_each_epoch_with_an_eta():
+    from genaf.data import load_dataset
+    from genaf.encoders.demo import DEMO_META
+    from genaf.pretrain import pretrain
+
+    data = load_dataset("fashion-mnist-demo", n_train=64, n_val=16, n_test=16, seed=0).train
+    lines = []
+    pretrain(data, dict(DEMO_META, width=4), method="simclr", epochs=2, batch_size=32, log=lines.append)
+    assert re.match(r"pretraining simclr: 1/2 epochs \(50 %\), .*ETA .*; mean simclr loss \d", lines[0]), lines
+    assert lines[1].startswith("pretraining simclr: 2/2 epochs (100 %)"), lines
+    old = utils.set_quiet(True)
+    try:
+        quiet = []
+        pretrain(data, dict(DEMO_META, width=4), method="simclr", epochs=1, batch_size=32, log=quiet.append)
+        assert quiet == []
+    finally:
+        utils.set_quiet(old)

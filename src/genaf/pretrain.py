@@ -216,9 +216,9 @@ def probe_report(enc: Encoder, dm, log=print, n_train: int = 10000, seed: int = 
         "n_test": len(dm.test),
     }
     log(
-        f"{dm.name} test accuracy: k-NN (k=20) pre-trained {rep['knn_acc']:.4f} vs random weights "
-        f"{rep['knn_acc_random_init']:.4f}; linear probe {rep['linear_probe_acc']:.4f} vs "
-        f"{rep['linear_probe_acc_random_init']:.4f}"
+        f"{dm.name} test accuracy: k-NN (k=20) pre-trained {100 * rep['knn_acc']:.1f} % vs random weights "
+        f"{100 * rep['knn_acc_random_init']:.1f} %; linear probe {100 * rep['linear_probe_acc']:.1f} % vs "
+        f"{100 * rep['linear_probe_acc_random_init']:.1f} %"
     )
     return rep
 
