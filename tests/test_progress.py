@@ -151,3 +151,45 @@ def test_pretraining_reports_each_epoch_with_an_eta():
         assert quiet == []
     finally:
         utils.set_quiet(old)
+
+
+def test_bench_reports_each_finished_unit_with_an_eta_from_the_cells_done(tmp_path, monkeypatch):
+    """Bench.run: one line per fine-tuned model's cells, counting only the cells still to do (a
+    resumed bench's finished cells are not counted), with an ETA. The units are faked: the
+    wiring is what is tested here; tests/test_bench.py runs real ones."""
+    from genaf import bench as bench_mod
+
+    cfg = bench_mod.load_config(
+        {
+            "name": "progress",
+            "device": "cpu",
+            "encoders": ["random:demo"],
+            "datasets": [{"name": "fashion-mnist-demo", "n_train": 64, "n_val": 32, "n_test": 64}],
+            "methods": {"sft": {}, "at": {}, "lp": {}},
+            "attacks": {"uniform-noise": {}},
+            "eps": ["16/255"],
+            "seeds": [0],
+        }
+    )
+    lines = []
+    b = bench_mod.Bench(cfg, tmp_path, log=lines.append)
+    units = [(e, d, m, 0) for e, _ in cfg.encoders for d in cfg.datasets for m in cfg.methods]
+    cells = {m.label: b.unit_cells(e, d, m, s) for e, d, m, s in units}
+    first = next(iter(cells))
+    for k, c in cells[first].items():  # the first model's cells are finished already (a resumed bench)
+        b.rows[k] = c
+
+    def fake_unit(enc, ds, m, seed, label):
+        pending = [c for k, c in b.unit_cells(enc, ds, m, seed).items() if k not in b.rows]
+        for c in pending:
+            b.rows[bench_mod._row_key(c)] = c
+        b.computed += len(pending)
+
+    monkeypatch.setattr(b, "unit", fake_unit)
+    b.run()
+    todo = sum(len(v) for k, v in cells.items() if k != first)
+    assert todo > 0
+    progress = [ln for ln in lines if ln.startswith("bench: ")]
+    assert len(progress) == len(cells) - 1, lines  # the finished unit reports nothing
+    assert re.match(rf"bench: {todo // 2}/{todo} cells \(50 %\), \d+ s, ETA \d+ s; \[2/3\] .* done", progress[0])
+    assert progress[-1].startswith(f"bench: {todo}/{todo} cells (100 %)") and "done" in progress[-1]
