@@ -47,6 +47,13 @@ def test_every_flag_has_help_with_its_default(cmd, capsys):
         assert first_words in out, f"genaf {cmd} --help lacks the help of {action.option_strings or action.dest}"
 
 
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_subcommand_takes_quiet_and_debug(cmd):
+    parser = cli_reference.subcommands(build_parser())[cmd][1]
+    flags = {f for a in parser._actions for f in a.option_strings}
+    assert {"--quiet", "--debug"} <= flags, f"genaf {cmd} lacks --quiet or --debug"
+
+
 def test_help_lists_the_registries(capsys):
     from genaf.attacks.base import attack_names
     from genaf.data import DATASETS
