@@ -303,6 +303,7 @@ def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, 
             device=device,
             batch_size=cfg["eval"]["batch_size"],
             seed=cfg["seed"],
+            log=log,
         )
     if determinism["nondeterministic_ops"]:
         _warn(log, "deterministic mode: ops without a deterministic kernel ran: " + "; ".join(
@@ -429,7 +430,12 @@ def craft(
     pert.config["images_seen"] = int(getattr(att, "images_seen", 0) or 0)
     pert.config["surrogate_data"] = record
     if out is not None:
-        pert.save(out)
+        from .utils import perturbation_path
+
+        path, note = perturbation_path(out)  # a perturbation is a safetensors file: its name says so
+        if note:
+            _warn(log, note)
+        pert.save(path)
     return pert
 
 
@@ -602,6 +608,7 @@ def evaluate(
         check_whitebox=cfg["eval"]["whitebox"],
         adversarial=adversarial,
         split_indices=None if other else {"train": dm.train.indices, "val": dm.val.indices},
+        log=log,
     )
     new = res["metrics"]
     if out is not None:

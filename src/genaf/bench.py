@@ -97,7 +97,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, GenafError, did_you_mean
-from .utils import atomic_write, parse_fraction, write_json
+from .utils import Progress, atomic_write, parse_fraction, write_json
 
 TOP_KEYS = (
     "name",
@@ -1169,7 +1169,7 @@ class Bench:
             surrogate_name=sur_name,
             device=str(self.dev),
             out=path,
-            log=None,
+            log=self.log,
             **a.options,
         )
 
@@ -1437,8 +1437,17 @@ class Bench:
     def run(self) -> None:
         units = self.units(self.shard)
         where = f" (shard {self.shard[0]}/{self.shard[1]})" if self.shard else ""
-        for i, (seed, enc, ds, m) in enumerate(units, 1):
-            self.unit(enc, ds, m, seed, f"[{i}/{len(units)}]{where} {enc} / {ds.label} / {m.label} / seed {seed}")
+        todo = sum(
+            1 for (seed, enc, ds, m) in units for k in self.unit_cells(enc, ds, m, seed) if k not in self.rows
+        )
+        # one progress line per finished unit (a fine-tuned model and its cells), ETA from the cells done so far
+        with Progress(todo, "bench", unit="cells", log=self.log) as bar:
+            for i, (seed, enc, ds, m) in enumerate(units, 1):
+                label = f"[{i}/{len(units)}]{where} {enc} / {ds.label} / {m.label} / seed {seed}"
+                before = self.computed
+                self.unit(enc, ds, m, seed, label)
+                if self.computed > before:
+                    bar.update(self.computed - before, f"{label} done")
 
 
 def _pictures(pert, images, path: Path) -> None:

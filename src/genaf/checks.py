@@ -32,7 +32,7 @@ from torch import nn
 
 from .attacks.perturbation import Perturbation
 from .attacks.whitebox import pgd
-from .utils import generator
+from .utils import Progress, generator
 
 EPS_TOLERANCE = 0.01  # robust accuracy may rise by at most 1 point with ε
 EPS_FRACTIONS = (0.25, 0.5, 1.0, 2.0)
@@ -198,9 +198,15 @@ def check_pgd_loss_rises(model: nn.Module, x: torch.Tensor, y: torch.Tensor, wb:
     }
 
 
-def whitebox_curve(model, x, y, wb: dict, eps_list, seed: int = 0) -> dict[float, float]:
-    """White-box PGD robust accuracy at each ε, with the same attack seed for every ε."""
-    return {float(e): _acc(model, _wb_pgd(model, x, y, wb, float(e), seed), y) for e in eps_list}
+def whitebox_curve(model, x, y, wb: dict, eps_list, seed: int = 0, bar=None) -> dict[float, float]:
+    """White-box PGD robust accuracy at each ε, with the same attack seed for every ε
+    (``bar``: a genaf.utils.Progress told of each ε done)."""
+    out = {}
+    for e in eps_list:
+        out[float(e)] = _acc(model, _wb_pgd(model, x, y, wb, float(e), seed), y)
+        if bar is not None:
+            bar.update(1, f"PGD at ε={255 * float(e):.1f}/255: robust acc {100 * out[float(e)]:.1f} %")
+    return out
 
 
 def check_eps_monotonic(curve: dict[float, float], tolerance: float = EPS_TOLERANCE) -> dict:
@@ -244,18 +250,23 @@ def run_checks(
     whitebox: dict | None = None,
     n_classes: int | None = None,
     seed: int = 0,
+    log=None,
 ) -> dict:
-    """Every check on one batch of test images ``x`` (labels ``y``); the model is in eval mode."""
+    """Every check on one batch of test images ``x`` (labels ``y``); the model is in eval mode.
+    ``log``: where progress lines go off a terminal (one per white-box PGD run)."""
     out = {"n_images": int(len(x)), "logits": check_logits(model, x, n_classes)}
     if whitebox:
-        out["pgd_loss_rises"] = check_pgd_loss_rises(model, x, y, whitebox, seed)
         base = float(whitebox["eps"])
         eps_list = sorted({min(1.0, f * base) for f in EPS_FRACTIONS})
         additive = {
             n: p for n, p in (perturbations or {}).items() if p.kind == "additive" and 0 < p.eps <= 1 and p.linf() > 0
         }
         eps_list = sorted(set(eps_list) | {float(p.eps) for p in additive.values()})
-        curve = whitebox_curve(model, x, y, whitebox, eps_list, seed)
+        bar = Progress(1 + len(eps_list), f"self-checks on {len(x)} images", unit="PGD runs", log=log)
+        with bar:
+            out["pgd_loss_rises"] = check_pgd_loss_rises(model, x, y, whitebox, seed)
+            bar.update(1, f"PGD loss rises: {out['pgd_loss_rises']['detail']}")
+            curve = whitebox_curve(model, x, y, whitebox, eps_list, seed, bar=bar)
         out["eps_monotonic"] = check_eps_monotonic({e: curve[e] for e in eps_list if e <= min(1.0, 2 * base)})
         if additive:
             transfer = {n: (float(p.eps), _acc(model, p.apply(x), y)) for n, p in additive.items()}

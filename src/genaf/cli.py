@@ -14,10 +14,23 @@ from pathlib import Path
 from .errors import GenafError
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+def _quiet_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bars or progress lines and no step-by-step log; warnings, errors and the result still "
+        "show (default: progress shown, a bar on a terminal, plain lines in a log or pipe)",
+    )
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: one line)")
+
+
+def _common(p: argparse.ArgumentParser, seed: str = "0") -> None:
+    p.add_argument(
+        "--device", default=None, help="auto, cpu or cuda (default auto: cuda when a GPU is visible, else cpu)"
+    )
+    p.add_argument("--seed", type=int, default=None, help=f"random seed (default {seed})")
+    _quiet_debug(p)
     _limit_arg(p)
 
 
@@ -27,18 +40,69 @@ def _limit_arg(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="raise a resource limit for files you trust (repeatable); names: see genaf.limits.LIMITS",
+        help="raise a resource limit for files you trust (repeatable); names: see genaf.limits.LIMITS "
+        "(default: the built-in limits, or $GENAF_LIMIT_<NAME>)",
     )
 
 
+def _dataset_choices() -> str:
+    from .data import DATASETS
+
+    return ", ".join([*DATASETS, "imagefolder:PATH"])
+
+
+def _encoder_choices() -> str:
+    from .encoders import SCHEMES
+
+    forms = {"solo": "solo:PATH", "torchvision": "torchvision:ARCH:PATH", "file": "file:PATH", "demo": "demo",
+             "random": "random:demo", "timm": "timm:NAME[:PATH]", "hf": "hf:NAME"}
+    return ", ".join(forms.get(s, f"{s}:...") for s in SCHEMES)
+
+
+def _method_choices() -> str:
+    from .methods.base import method_names
+
+    return ", ".join(method_names())
+
+
+def _attack_choices(kind: str | None = None) -> str:
+    """The registered attacks; ``kind``: 'universal' (they craft a perturbation file) or
+    'per-sample' (crafted per image at evaluation)."""
+    from .attacks.base import _ATTACKS, attack_names
+
+    names = attack_names()
+    if kind == "universal":
+        names = [n for n in names if hasattr(_ATTACKS[n], "fit")]
+    elif kind == "per-sample":
+        names = [n for n in names if not hasattr(_ATTACKS[n], "fit")]
+    return ", ".join(names)
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default=None, help="fashion-mnist, cifar10, stl10, gtsrb, svhn or imagefolder:PATH")
-    p.add_argument("--data-root", default=None, help="where torchvision datasets live")
-    p.add_argument("--download", action="store_true", default=None, help="download the dataset if it is missing")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--n-train", type=int, default=None)
-    p.add_argument("--n-val", type=int, default=None)
-    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help=f"downstream dataset: {_dataset_choices()} (default fashion-mnist, or the --config file's)",
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder holding the dataset's files (default: the dataset's usual place, e.g. "
+        "/usr/share/datasets/fashion-mnist or $GENAF_FASHION_MNIST; a root without the files is an error)",
+    )
+    p.add_argument(
+        "--download", action="store_true", default=None, help="download the dataset if it is missing (default: no)"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="resize images to this square side (default: native size)"
+    )
+    p.add_argument(
+        "--n-train", type=int, default=None, help="training images (default: all left after reserve and validation)"
+    )
+    p.add_argument(
+        "--n-val", type=int, default=None, help="validation images (default 10%% of the training images left)"
+    )
+    p.add_argument("--n-test", type=int, default=None, help="test images (default: the whole test split)")
     _reserve_arg(p)
 
 
@@ -61,11 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     ap.add_argument("--version", action="version", version=f"genaf {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands")
 
-    p = sub.add_parser("demo", help="the offline demo: SFT, AT and Gen-AF on Fashion-MNIST against DAEs")
-    p.add_argument("--out", default="demo-run")
-    p.add_argument("--quick", action="store_true", help="a much smaller setting (smoke test, not the protocol)")
+    p = sub.add_parser(
+        "demo",
+        help="the offline demo: SFT, AT and Gen-AF on Fashion-MNIST against DAEs",
+        description="The offline demo: SFT, AT and Gen-AF on Fashion-MNIST against DAEs crafted on the "
+        "shipped encoder; writes OUT/report.md and OUT/<method>/metrics.json (~8 min on 2 CPU cores).",
+    )
+    p.add_argument("--out", default="demo-run", help="output folder (default %(default)s)")
+    p.add_argument(
+        "--quick", action="store_true", help="a much smaller setting, a few minutes (smoke test, not the protocol) "
+        "(default: the full demo)"
+    )
     p.add_argument(
         "--deterministic",
         action="store_true",
@@ -73,34 +145,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
 
-    p = sub.add_parser("finetune", help="fine-tune an encoder on a downstream dataset")
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune an encoder on a downstream dataset",
+        description="Fine-tune an encoder on a downstream dataset with a method; writes OUT/model.safetensors, "
+        "config.yaml, history.json and metrics.json. Options come from flags, --config YAML and --set.",
+    )
     p.add_argument(
         "--encoder",
         default=None,
-        help="demo, solo:PATH, torchvision:ARCH:PATH, file:PATH, timm:NAME[:PATH] or hf:DIR "
-        "(options after '?', e.g. timm:NAME:PATH?pool=mean; see docs/ENCODERS.md)",
+        help=f"encoder spec: {_encoder_choices()}; options after '?', e.g. timm:NAME:PATH?pool=mean "
+        "(docs/ENCODERS.md) (default demo, or the --config file's)",
     )
     p.add_argument(
         "--method",
         default=None,
-        help="sft, lp, at, trades, mart, fare, rift, genaf-stage1 or genaf (default genaf)",
+        help=f"fine-tuning method: {_method_choices()} (default genaf, or the --config file's)",
     )
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--config", default=None, help="YAML file with any of the options")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--eps", default=None, help="training PGD budget, e.g. 8/255")
-    p.add_argument("--lam", type=float, default=None, help="genetic regulariser weight (genaf)")
+    p.add_argument("--out", required=True, help="run directory to create (required)")
+    p.add_argument("--config", default=None, help="YAML file with any of the options (default: none)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of the method's stage(s) (default: the method's)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
+    p.add_argument("--eps", default=None, help="training PGD budget, e.g. 8/255 (default: the method's, 8/255)")
+    p.add_argument(
+        "--lam", type=float, default=None, help="genetic regulariser weight (genaf only; default: the method's)"
+    )
     p.add_argument(
         "--attack-steps",
         type=int,
         default=None,
-        help="training PGD steps K; 1 = fast mode (FGSM with random start, step 1.25 eps, overfitting guard)",
+        help="training PGD steps K; 1 = fast mode (FGSM with random start, step 1.25 eps, overfitting guard) "
+        "(default: the method's)",
     )
-    p.add_argument("--head", default=None, choices=["mlp", "linear"])
-    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="any method option")
-    p.add_argument("--amp", default=None, choices=["none", "bf16"])
-    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument(
+        "--head", default=None, choices=["mlp", "linear"], help="downstream head: mlp or linear (default mlp)"
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any method option, repeatable, e.g. --set lam=1e5 (default: the method's values)",
+    )
+    p.add_argument(
+        "--amp", default=None, choices=["none", "bf16"], help="autocast: none or bf16 (default none; GPU users)"
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", default=None, help="channels-last memory layout (default: off)"
+    )
     p.add_argument(
         "--deterministic",
         action="store_true",
@@ -113,20 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         default=None,
         choices=["none", "default", "reduce-overhead", "max-autotune"],
-        help="torch.compile the model (GPU users; one graph per train/eval mode)",
+        help="torch.compile the model (GPU users; one graph per train/eval mode) (default none)",
     )
-    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out from its checkpoint, with the saved options (default: a new run)",
+    )
     _data_args(p)
-    _common(p)
+    _common(p, seed="0, or the --config file's")
 
-    p = sub.add_parser("attack", help="craft a universal DAE on an encoder from surrogate images")
-    p.add_argument("--encoder", default="demo")
-    p.add_argument("--attack", required=True)
+    p = sub.add_parser(
+        "attack",
+        help="craft a universal DAE on an encoder from surrogate images",
+        description="Craft a universal downstream-agnostic perturbation on an encoder from the surrogate "
+        "reserve of a dataset; writes a .safetensors perturbation file and two PNGs beside it.",
+    )
+    p.add_argument("--encoder", default="demo", help=f"encoder spec: {_encoder_choices()} (default %(default)s)")
+    p.add_argument(
+        "--attack", required=True, help=f"universal attack (required): {_attack_choices('universal')}"
+    )
     p.add_argument(
         "--surrogate",
         default="fashion-mnist",
         help="dataset whose surrogate reserve is used: training images that no train/val split of any "
-        "genaf finetune on that dataset uses, for any seed (the test split is separate)",
+        "genaf finetune on that dataset uses, for any seed (the test split is separate); "
+        f"one of {_dataset_choices()} (default %(default)s)",
     )
     p.add_argument(
         "--n-surrogate",
@@ -134,15 +238,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=2000,
         help="surrogate images used (exactly this many, or an error); default 2000",
     )
-    p.add_argument("--eps", required=True, help="L-inf budget in [0,1] pixel units, e.g. 16/255")
-    p.add_argument("--preset", default="cpu", help="cpu or paper")
-    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="any attack option")
-    p.add_argument("--out", required=True, help="perturbation file to write")
-    p.add_argument("--data-root", default=None, help="where the surrogate dataset's files live")
-    p.add_argument("--download", action="store_true", default=None, help="download the dataset if it is missing")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--n-train", type=int, default=None, help="as genaf finetune (checked; the reserve does not move)")
-    p.add_argument("--n-val", type=int, default=None, help="as genaf finetune (checked; the reserve does not move)")
+    p.add_argument("--eps", required=True, help="L-inf budget in [0,1] pixel units, e.g. 16/255 (required)")
+    p.add_argument(
+        "--preset", default="cpu", help="attack settings: cpu (small, fast) or paper (default %(default)s)"
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any attack option, repeatable, e.g. --set iterations=200 (default: the preset's values)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="perturbation file to write (required); a safetensors file: a name not ending in .safetensors "
+        "gets that suffix (ssp.pt -> ssp.safetensors), and the name written is printed",
+    )
+    p.add_argument(
+        "--data-root", default=None, help="where the surrogate dataset's files live (default: its usual place)"
+    )
+    p.add_argument(
+        "--download", action="store_true", default=None, help="download the dataset if it is missing (default: no)"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="resize images to this square side (default: native size)"
+    )
+    p.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help="as genaf finetune (checked; the reserve does not move) (default: all left, as there)",
+    )
+    p.add_argument(
+        "--n-val",
+        type=int,
+        default=None,
+        help="as genaf finetune (checked; the reserve does not move) (default 10%%, as there)",
+    )
     _reserve_arg(p)
     _common(p)
 
@@ -150,22 +283,37 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="evaluate a run against universal perturbation files and per-sample DAEs (adds to metrics.json)",
     )
-    p.add_argument("--model", required=True, help="run directory")
+    p.add_argument("--model", required=True, help="run directory of genaf finetune (required)")
     p.add_argument(
         "--dataset",
         default=None,
         help="another dataset than the run's own (default: the run's); its results need --out FILE",
     )
-    p.add_argument("--perturbation", nargs="*", default=[], help="universal perturbation files (genaf attack)")
+    p.add_argument(
+        "--perturbation",
+        nargs="*",
+        default=[],
+        metavar="FILE",
+        help="universal perturbation files made by genaf attack (default: none)",
+    )
     p.add_argument(
         "--attack",
         nargs="*",
         default=[],
         metavar="NAME",
-        help="per-sample DAEs (ssp, embedding-pgd), crafted for every evaluated image on the run's original encoder",
+        help=f"per-sample DAEs, crafted for every evaluated image on the run's original encoder: "
+        f"{_attack_choices('per-sample')} (default: none)",
     )
-    p.add_argument("--preset", default="cpu", help="preset of the per-sample attacks: cpu (default) or paper")
-    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="options of the per-sample attacks")
+    p.add_argument(
+        "--preset", default="cpu", help="preset of the per-sample attacks: cpu or paper (default %(default)s)"
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        metavar="KEY=VALUE",
+        help="options of the per-sample attacks, repeatable (default: the preset's values)",
+    )
     p.add_argument(
         "--split",
         default="test",
@@ -176,45 +324,67 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         help="write the results to this JSON file instead of the run's metrics.json (another dataset, "
-        "a read-only run directory)",
+        "a read-only run directory) (default: the run's metrics.json)",
     )
-    p.add_argument("--whitebox", action="store_true", help="also run white-box FGSM and PGD on the model")
+    p.add_argument(
+        "--whitebox",
+        action="store_true",
+        help="also run white-box FGSM and PGD-10 at 8/255 on the model (default: off; the run's eval settings)",
+    )
     p.add_argument(
         "--autoattack",
         nargs="?",
         const="standard",
         default=None,
         choices=["standard", "apgd"],
-        help="also run AutoAttack (slow): its standard version (APGD-CE, APGD-T, FAB-T, Square; the default) "
-        "or apgd (APGD-CE + APGD-T only)",
+        help="also run AutoAttack (slow): its standard version (APGD-CE, APGD-T, FAB-T, Square; what a bare "
+        "--autoattack runs) or apgd (APGD-CE + APGD-T only) (default: off)",
     )
     p.add_argument(
         "--resize",
         default=None,
         choices=["none", "bilinear"],
-        help="perturbations of another resolution than the images: refuse (none) or resize (bilinear)",
+        help="perturbations of another resolution than the images: refuse (none) or resize (bilinear) "
+        "(default: refuse)",
     )
-    _common(p)
+    _common(p, seed="the run's own seed; another value is refused")
 
     p = sub.add_parser("pretrain", help="self-supervised pre-training of a small encoder (SimCLR or BYOL)")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--method", default="simclr", choices=["simclr", "byol"])
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--arch", default="resnet18", help="resnet18, resnet34, resnet50 or a genaf ViT (vit-tiny)")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (cosine schedule)")
-    p.add_argument("--n-images", type=int, default=15000)
-    p.add_argument("--n-test", type=int, default=None, help="test images the k-NN / linear probes score (default all)")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--out", required=True, help="encoder file (.safetensors or .pt)")
+    p.add_argument(
+        "--dataset", default="fashion-mnist", help=f"dataset: {_dataset_choices()} (default %(default)s)"
+    )
+    p.add_argument(
+        "--method", default="simclr", choices=["simclr", "byol"], help="simclr or byol (default %(default)s)"
+    )
+    p.add_argument("--width", type=int, default=16, help="ResNet base width (default %(default)s; 64 is standard)")
+    p.add_argument(
+        "--arch",
+        default="resnet18",
+        help="backbone architecture: resnet18, resnet34, resnet50 or a genaf ViT (vit-tiny, vit-small) "
+        "(default %(default)s)",
+    )
+    p.add_argument("--epochs", type=int, default=12, help="pre-training epochs (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size (default %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, cosine schedule (default %(default)s)")
+    p.add_argument("--n-images", type=int, default=15000, help="training images used (default %(default)s)")
+    p.add_argument(
+        "--n-test", type=int, default=None, help="test images the k-NN / linear probes score (default: all)"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="resize images to this square side (default: native size)"
+    )
+    p.add_argument("--data-root", default=None, help="folder holding the dataset's files (default: its usual place)")
+    p.add_argument("--out", required=True, help="encoder file to write, .safetensors or .pt (required)")
     _common(p)
 
     p = sub.add_parser("bench", help="run (or resume) an experiment matrix from a YAML file; writes a report")
-    p.add_argument("config", help="bench YAML file (see genaf.bench and configs/)")
-    p.add_argument("--out", required=True, help="output folder (results.csv/json, report.md, runs, perturbations)")
-    p.add_argument("--device", default=None, help="overrides the config's device: auto, cpu or cuda")
+    p.add_argument("config", help="bench YAML file (schema in genaf.bench; examples in configs/)")
+    p.add_argument(
+        "--out", required=True, help="output folder (results.csv/json, report.md, runs, perturbations) (required)"
+    )
+    p.add_argument(
+        "--device", default=None, help="overrides the config's device: auto, cpu or cuda (default: the config's)"
+    )
     p.add_argument(
         "--shard",
         default=None,
@@ -223,24 +393,62 @@ def build_parser() -> argparse.ArgumentParser:
         "shards write OUT/shards/I-of-N.json and the last to finish (or genaf report OUT) merges them "
         "(default: the whole matrix)",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _quiet_debug(p)
     _limit_arg(p)
 
     p = sub.add_parser("report", help="rebuild report.md and its plots from a bench folder's results.json")
     p.add_argument("dir", help="bench output folder")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _quiet_debug(p)
     _limit_arg(p)
 
     p = sub.add_parser("inspect", help="print what an encoder spec loads")
-    p.add_argument("spec")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("spec", help=f"encoder spec: {_encoder_choices()}")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
+    _quiet_debug(p)
     _limit_arg(p)
 
     p = sub.add_parser("encoders", help="list known public encoders: source, spec and published sha256")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a list (default: a list)")
+    _quiet_debug(p)
     return ap
+
+
+def _log(a):
+    """Where a command's step-by-step log goes: stdout, or nowhere with --quiet."""
+    return None if getattr(a, "quiet", False) else print
+
+
+def _silent(msg: str) -> None:
+    pass
+
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin", ".pkl", ".tar")
+
+
+def check_encoder_spec(spec: str | None) -> None:
+    """A bare weight-file path given as an encoder spec: a one-line error naming the schemes that
+    read such a file (the spec says how to read it; genaf never guesses)."""
+    from .encoders import SCHEMES
+    from .errors import SpecError
+
+    if not spec or spec.partition(":")[0] in SCHEMES:
+        return
+    suffix = Path(spec).suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES and not Path(spec).is_file():
+        return
+    ways = {
+        "solo": f"solo:{spec} (a solo-learn checkpoint)",
+        "torchvision": f"torchvision:ARCH:{spec} (a torchvision state dict, e.g. torchvision:resnet50:{spec})",
+        "file": f"file:{spec} (a genaf encoder file)",
+        "timm": f"timm:NAME:{spec} (timm weights, e.g. timm:vit_small_patch16_224:{spec})",
+    }
+    order = {".ckpt": ["solo", "file", "torchvision", "timm"], ".safetensors": ["file", "timm", "torchvision", "solo"]}
+    names = [n for n in order.get(suffix, ["torchvision", "solo", "file", "timm"]) if n in SCHEMES or n == "file"]
+    raise SpecError(
+        f"'{spec}' is a bare path; an encoder spec says how to read it: "
+        + ", or ".join(ways[n] for n in names if n in ways)
+        + " (genaf inspect SPEC shows what it loads)"
+    )
 
 
 def _eps(v):
@@ -291,6 +499,7 @@ def cmd_finetune(a) -> int:
         data=data,
         seed=cfg["seed"],
         resume=a.resume,
+        log=_log(a) or _silent,
     )
     print(_summary(m))
     return 0
@@ -320,9 +529,10 @@ def cmd_attack(a) -> int:
     from . import api
     from .config import parse_assignments
     from .data import load_dataset
+    from .utils import perturbation_path
 
     eps = _eps(a.eps)
-    out = Path(a.out)
+    out, note = perturbation_path(a.out)  # told with the result below
     enc = api.load_encoder(a.encoder)
     dm = load_dataset(
         a.surrogate,
@@ -344,13 +554,15 @@ def cmd_attack(a) -> int:
         seed=a.seed or 0,
         device=a.device or "auto",
         out=out,
-        log=print,
+        log=_log(a),
         **parse_assignments(a.sets),
     )
     from .visualize import save_perturbation_images
 
     pics = save_perturbation_images(pert, sur.subset(8), out)
     print(f"wrote {out} ({pert.attack}, eps={pert.eps:.4f}, linf={pert.linf():.4f}) and {', '.join(map(str, pics))}")
+    if note:
+        print(f"note: {note}")
     return 0
 
 
@@ -377,6 +589,12 @@ def cmd_evaluate(a) -> int:
     from . import api
     from .config import parse_assignments
 
+    if a.seed is not None:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            "genaf evaluate uses the run's own seed (its config.yaml) for every random start; drop --seed"
+        )
     perts = perturbation_names(a.perturbation)
     opts = parse_assignments(a.sets)
     m = api.evaluate(
@@ -391,6 +609,7 @@ def cmd_evaluate(a) -> int:
         preset=a.preset,
         split=a.split,
         out=a.out,
+        log=_log(a),
     )
     if a.split == "val":
         m = {**m["validation"], "n_test": m["validation"].get("n_val")}
@@ -429,9 +648,10 @@ def cmd_pretrain(a) -> int:
         lr=a.lr,
         seed=a.seed or 0,
         device=resolve_device(a.device or "auto"),
+        log=_log(a) or _silent,
     )
     save_encoder(enc, a.out)
-    rep = probe_report(enc, dm)
+    rep = probe_report(enc, dm, log=_log(a) or _silent)
     print(json.dumps({"out": a.out, **rep}, indent=2))
     return 0
 
@@ -483,14 +703,17 @@ def cmd_encoders(a) -> int:
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
-    run_demo(a.out, quick=a.quick, device=a.device or "auto", seed=a.seed or 0, deterministic=a.deterministic)
+    run_demo(a.out, quick=a.quick, device=a.device or "auto", seed=a.seed or 0, log=_log(a) or _silent,
+             deterministic=a.deterministic)
+    if a.quiet:
+        print(f"report: {Path(a.out) / 'report.md'}")
     return 0
 
 
 def cmd_bench(a) -> int:
     from .bench import run_bench
 
-    res = run_bench(a.config, a.out, device=a.device, shard=a.shard)
+    res = run_bench(a.config, a.out, device=a.device, shard=a.shard, log=_log(a) or _silent)
     if res["results"] is None:
         print(f"{len(res['rows'])} result rows of this shard in {a.out}/shards; merge with: genaf report {a.out}")
     else:
@@ -534,7 +757,15 @@ def _apply_limits(items: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.cmd:  # plain `genaf`: the commands, not "the following arguments are required"
+        parser.print_help(sys.stderr)
+        print("\ngenaf: give a command (genaf COMMAND --help for its options)", file=sys.stderr)
+        return 2
+    from .utils import set_quiet
+
+    was_quiet = set_quiet(bool(getattr(args, "quiet", False)))
     if getattr(args, "deterministic", None):  # cuBLAS reads it when CUDA starts
         import os
 
@@ -545,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *_a, **_k: f"genaf {args.cmd}: warning: {msg}\n"
     try:
         _apply_limits(getattr(args, "limit", None) or [])
+        check_encoder_spec(getattr(args, "encoder", None) or getattr(args, "spec", None))
         return COMMANDS[args.cmd](args)
     except GenafError as exc:
         if getattr(args, "debug", False):
@@ -560,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"genaf {args.cmd}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        set_quiet(was_quiet)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def run_demo(
                 datamodule=data,
                 log=log,
             )
-        results[label] = evaluate(run, perts, datamodule=data, device=str(dev))
+        results[label] = evaluate(run, perts, datamodule=data, device=str(dev), log=log)
     order = ["l4a-base", "ssp-universal", "uniform-noise", "pgd10-wb"]
     table = demo_table(results, order)
     seconds = time.time() - t0

@@ -6,6 +6,7 @@ results can be joined across runs and attacks.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -25,7 +26,7 @@ from .checks import (
 )
 from .data import ImageSet
 from .errors import DataError
-from .utils import generator
+from .utils import Progress, generator
 
 
 @torch.no_grad()
@@ -46,7 +47,7 @@ def rates(clean_pred: torch.Tensor, adv_pred: torch.Tensor, labels: torch.Tensor
     }
 
 
-def whitebox_attacks(wb: dict, seed: int = 0) -> dict:
+def whitebox_attacks(wb: dict, seed: int = 0, log=None) -> dict:
     """name -> (run(model, x, y) -> x_adv, its description) for the white-box evaluation.
 
     ``wb`` holds the PGD settings (``eps``, ``step``, ``steps``, ``restarts``) and switches
@@ -80,10 +81,13 @@ def whitebox_attacks(wb: dict, seed: int = 0) -> dict:
             desc["square_queries"] = queries
 
         def run_aa(m, x, y):
-            log: dict = {}
+            tally: dict = {}
             run_seed = seed * 100003 + next(calls)
-            xa = autoattack(m, x, y, eps, steps=aa_steps, seed=run_seed, version=version, n_queries=queries, log=log)
-            for k, v in log.items():
+            xa = autoattack(
+                m, x, y, eps, steps=aa_steps, seed=run_seed, version=version, n_queries=queries, log=tally,
+                progress_log=log,
+            )
+            for k, v in tally.items():
                 tot = desc["per_attack"].setdefault(k, {"attacked": 0, "fooled": 0})
                 tot["attacked"] += v["attacked"]
                 tot["fooled"] += v["fooled"]
@@ -107,6 +111,7 @@ def evaluate_model(
     n_check: int = 256,
     adversarial: dict[str, tuple[torch.Tensor, dict]] | None = None,
     split_indices: dict[str, torch.Tensor] | None = None,
+    log=None,
 ) -> dict:
     """Evaluate ``model`` on ``test`` against universal perturbations, per-sample DAEs and
     white-box PGD.
@@ -128,6 +133,9 @@ def evaluate_model(
             each clean batch (its time is recorded as the attack's cost).
         split_indices: split name -> dataset indices of the model's train/val splits: a
             perturbation crafted from this dataset is checked to share none of them.
+        log: where progress lines go off a terminal (genaf.utils.Progress): one per batch for
+            the clean images and the universal perturbations, one per batch and per-sample or
+            white-box attack, one per self-check PGD run.
     Returns:
         the ``metrics.json`` dict (without run metadata) and per-sample predictions.
     """
@@ -141,7 +149,7 @@ def evaluate_model(
         if name in preds:
             raise DataError(f"two evaluation entries are both called '{name}'; give them distinct names")
         preds[name] = []
-    wb_attacks = whitebox_attacks(whitebox, seed) if whitebox else {}
+    wb_attacks = whitebox_attacks(whitebox, seed, log=log) if whitebox else {}
     for name in wb_attacks:
         preds[name] = []
     labels, indices = [], []
@@ -157,6 +165,7 @@ def evaluate_model(
         if torch.is_tensor(xa) and len(xa) != len(test):
             raise DataError(f"per-sample DAE '{name}' holds {len(xa)} images for {len(test)} evaluated images")
     report = None
+    bar = None
     applied: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     try:
@@ -170,9 +179,15 @@ def evaluate_model(
                 check_whitebox if check_whitebox is not None else whitebox,
                 n_classes,
                 seed,
+                log=log,
             )
         start = 0
-        for x, y, idx in test.batches(batch_size, device=device):
+        n_batches = math.ceil(len(test) / batch_size)
+        heavy = list(adversarial) + list(wb_attacks)
+        what = f"{len(test)} {test.split} images" if test.split else f"{len(test)} images"
+        bar = Progress(n_batches * (1 + len(heavy)), f"evaluating on {what}", unit="attack batches", log=log)
+        for b, (x, y, idx) in enumerate(test.batches(batch_size, device=device), 1):
+            at = f"batch {b}/{n_batches}"
             labels.append(y.cpu())
             indices.append(idx.cpu())
             preds["clean"].append(_predict(model, x).cpu())
@@ -184,6 +199,7 @@ def evaluate_model(
                         x, xp, float(p.eps) if p.kind == "additive" else None, independent_perturbed(p, x)
                     )
                 preds[name].append(_predict(model, xp).cpu())
+            bar.update(1, f"{at}: clean" + (f" + {len(perturbations)} universal" if perturbations else ""))
             for name, (source, desc) in adversarial.items():
                 t0 = time.time()
                 if torch.is_tensor(source):
@@ -194,12 +210,16 @@ def evaluate_model(
                 if first and checks:
                     applied[name] = check_perturbed_batch(x, xa, desc.get("eps"))
                 preds[name].append(_predict(model, xa).cpu())
+                bar.update(1, f"{at}: {name} (per-sample, {seconds[name]:.1f} s so far)")
             for name, (run, _) in wb_attacks.items():
                 t0 = time.time()
                 preds[name].append(_predict(model, run(model, x, y)).cpu())
                 seconds[name] = seconds.get(name, 0.0) + time.time() - t0
+                bar.update(1, f"{at}: {name} (white-box, {seconds[name]:.1f} s so far)")
             start += len(x)
     finally:
+        if bar is not None:
+            bar.close()
         for m, t in was:
             m.train(t)
     y = torch.cat(labels)

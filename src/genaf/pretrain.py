@@ -23,7 +23,7 @@ from .encoders.demo import DEMO_META
 from .encoders.files import save_encoder
 from .encoders.resnet import build_backbone
 from .errors import ConfigError, unknown
-from .utils import generator, seed_everything
+from .utils import Progress, generator, seed_everything
 
 SSL_METHODS = ("simclr", "byol")
 
@@ -135,10 +135,13 @@ def pretrain(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     g = generator(seed, "pretrain")
     t0, step = time.time(), 0
+    # a line per epoch (also on a terminal, where a bar shows the batches of the epoch)
+    epochs_bar = Progress(epochs, f"pretraining {method}", unit="epochs", log=log, terminal=False)
     for epoch in range(epochs):
         encoder.train()
         projector.train()
         total, nb = 0.0, 0
+        batches_bar = Progress(len(data) // batch_size, f"epoch {epoch + 1}/{epochs}", unit="batches")  # terminal only
         for x, _, _ in data.batches(batch_size, shuffle=True, gen=g, device=device, drop_last=True):
             v1 = ssl_view(x, gen=g).contiguous(memory_format=torch.channels_last)
             v2 = ssl_view(x, gen=g).contiguous(memory_format=torch.channels_last)
@@ -161,10 +164,13 @@ def pretrain(
                         pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
             total += float(loss.detach())
             nb += 1
-        log(f"pretrain {method} epoch {epoch + 1}/{epochs} loss {total / max(nb, 1):.4f} ({time.time() - t0:.0f}s)")
+            batches_bar.update(1)
+        batches_bar.close()
+        epochs_bar.update(1, f"mean {method} loss {total / max(nb, 1):.4f}")
         if max_seconds is not None and time.time() - t0 > max_seconds:
             log(f"pretrain: stopping after epoch {epoch + 1}, time budget of {max_seconds:.0f}s reached")
             break
+    epochs_bar.close()
     encoder.meta["pretrain_epochs"] = epoch + 1
     return encoder.eval().cpu().to(memory_format=torch.contiguous_format)
 
@@ -237,9 +243,9 @@ def probe_report(enc: Encoder, dm, log=print, n_train: int = 10000, seed: int = 
         "n_test": len(dm.test),
     }
     log(
-        f"{dm.name} test accuracy: k-NN (k=20) pre-trained {rep['knn_acc']:.4f} vs random weights "
-        f"{rep['knn_acc_random_init']:.4f}; linear probe {rep['linear_probe_acc']:.4f} vs "
-        f"{rep['linear_probe_acc_random_init']:.4f}"
+        f"{dm.name} test accuracy: k-NN (k=20) pre-trained {100 * rep['knn_acc']:.1f} % vs random weights "
+        f"{100 * rep['knn_acc_random_init']:.1f} %; linear probe {100 * rep['linear_probe_acc']:.1f} % vs "
+        f"{100 * rep['linear_probe_acc_random_init']:.1f} %"
     )
     return rep
 

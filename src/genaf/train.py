@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import math
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -432,7 +431,7 @@ class Trainer:
                 **extra,
             }
             self.history.append(row)
-            self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            self.log(_epoch_line(row, stage.epochs))
             if best is None or score >= best["score"]:
                 best = {
                     "score": score,
@@ -451,7 +450,7 @@ class Trainer:
             self.model.load_state_dict(
                 {**self.model.state_dict(), **{k: v.to(self.device) for k, v in best["state"].items()}}
             )
-            self.log(f"{stage.name}: keeping epoch {best['epoch']} (validation {stage.select} = {best['score']:.4f})")
+            self.log(f"{stage.name}: keeping epoch {best['epoch']} ({_selection_text(stage.select, best['val'])})")
             self.artifacts.setdefault("selected_epoch", {})[key] = best["epoch"]
         out = stage.finish(self.model, ctx, lambda m: self.validate(m))
         if out:
@@ -467,20 +466,41 @@ def _is_trainable_key(model: nn.Module, key: str, trainable_ids: set[int]) -> bo
     return True
 
 
+def _val_text(val: dict) -> str:
+    parts = []
+    if "val_clean" in val:
+        parts.append(f"validation clean acc {100 * float(val['val_clean']):.1f} %")
+    if "val_robust" in val:
+        parts.append(f"PGD robust acc {100 * float(val['val_robust']):.1f} %")
+    return ", ".join(parts)
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    """One readable line per epoch: what each number is, accuracies in percent."""
+    head = f"{row['stage']} epoch {row['epoch']}/{epochs} ({row['seconds']:.1f} s)"
+    rest = {k: v for k, v in row.items() if k not in ("stage", "epoch", "seconds") and not k.startswith("val_")}
+    losses = [f"{k} {v:.4g}" for k, v in rest.items() if isinstance(v, float)]
+    other = [f"{k} {v}" for k, v in rest.items() if not isinstance(v, float)]
+    vals = [_val_text(row)] if _val_text(row) else []
+    extra = [f"{k} {100 * v:.1f} %" if isinstance(v, float) and 0 <= v <= 1 else f"{k} {v}"
+             for k, v in row.items() if k.startswith("val_") and k not in ("val_clean", "val_robust")]
+    return head + ": " + "; ".join(x for x in (", ".join(losses), ", ".join(vals + extra), ", ".join(other)) if x)
+
+
+def _selection_text(select: str, val: dict) -> str:
+    got = _val_text(val or {}) or "no validation numbers"
+    if select == "last":
+        return f"the last epoch, as the stage selects; {got}"
+    what = {"clean": "clean accuracy", "robust": "PGD robust accuracy", "clean+robust": "clean + robust accuracy"}
+    return f"best validation {what.get(select, select)}; {got}"
+
+
 def _progress(total: int, desc: str, enabled: bool):
-    if enabled and sys.stderr.isatty():
-        from tqdm import tqdm
+    """The batches of an epoch: a bar on a terminal only (the epoch's own log line is the plain
+    progress line; see genaf.utils.Progress)."""
+    from .utils import Progress
 
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-    class _Null:
-        def update(self, n):
-            pass
-
-        def close(self):
-            pass
-
-    return _Null()
+    return Progress(total, desc, unit="batches", log=None, enabled=enabled)
 
 
 __all__ = ["Trainer", "TrainConfig", "asdict", "F"]

@@ -113,6 +113,8 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> None
         writer(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        # mkstemp creates the file 0600; a result file gets the mode any new file of the user gets
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
@@ -133,6 +135,39 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> None
                 "space and run the command again (finetune: with --resume)"
             ) from exc
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+PERTURBATION_SUFFIX = ".safetensors"
+
+
+def perturbation_path(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """The file name a perturbation is written to, and a note when it differs from ``path``.
+
+    Perturbations are safetensors files (tensors + a JSON header, never a pickle), so their name
+    ends in ``.safetensors``: a name ending in a pickle/torch suffix (``.pt``, ``.pth``,
+    ``.ckpt``, ``.bin``, ``.pkl``) has the suffix replaced, any other name gets
+    ``.safetensors`` appended (``ssp`` -> ``ssp.safetensors``, ``ssp.v2`` ->
+    ``ssp.v2.safetensors``). Read them with ``Perturbation.load`` (the metadata too) or
+    ``safetensors.torch.load_file`` (the tensors).
+    """
+    p = Path(path)
+    if p.suffix == PERTURBATION_SUFFIX:
+        return p, None
+    if p.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar"):
+        new = p.with_suffix(PERTURBATION_SUFFIX)
+    else:
+        new = p.with_name(p.name + PERTURBATION_SUFFIX)
+    return new, (
+        f"writing {new} instead of {p}: a perturbation is a safetensors file, not a torch pickle "
+        "(read it with genaf.attacks.perturbation.Perturbation.load or safetensors.torch.load_file)"
+    )
 
 
 def _is_write_failure(exc: BaseException) -> bool:
@@ -238,3 +273,137 @@ def parse_fraction(value: str | float) -> float:
         return float(s)
     except (ValueError, ZeroDivisionError) as exc:
         raise ConfigError(f"cannot read '{value}' as a number (use e.g. 8/255 or 0.0314)") from exc
+
+
+# --- progress --------------------------------------------------------------------------------
+#
+# One mechanism for every long step (crafting, the auto choice of a layer or patch place,
+# evaluation, white-box checks, stage-2 scoring, pretraining, training epochs, bench cells):
+#
+# - on a terminal (stderr is a TTY): a tqdm bar on stderr;
+# - otherwise (a log file, a pipe): one plain line per unit of work through the step's ``log``
+#   callable (a fine-grained loop, such as the iterations of a crafting run, reports at most
+#   ``lines`` evenly spaced lines);
+# - nothing when progress is switched off (``set_quiet(True)``, ``genaf ... --quiet``) or, off a
+#   terminal, when the step has no ``log``.
+
+_QUIET = False
+
+
+def set_quiet(quiet: bool) -> bool:
+    """Switch progress reports off (True) or on; returns the previous setting."""
+    global _QUIET
+    old, _QUIET = _QUIET, bool(quiet)
+    return old
+
+
+def is_quiet() -> bool:
+    return _QUIET
+
+
+def _fmt_seconds(s: float) -> str:
+    s = max(0.0, float(s))
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+class Progress:
+    """Progress of ``total`` units of work named ``desc`` (see the comment above).
+
+    ``update(n, info)`` marks ``n`` more units done; ``info`` (e.g. ``"robust acc 43.1 %"``)
+    is shown with the unit. Plain lines read
+    ``desc: 3/10 unit (30 %), 12 s, ETA 28 s; info``; the ETA is the mean time per unit so far
+    times the units left. Use as a context manager or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "step",
+        log: Callable[[str], Any] | None = None,
+        lines: int | None = None,
+        enabled: bool = True,
+        terminal: bool | None = None,
+    ):
+        import sys
+        import time
+
+        self.total, self.desc, self.unit, self.log = max(int(total), 0), desc, unit, log
+        self.n, self.t0, self._time = 0, time.time(), time.time
+        self.lines = lines
+        self._last_line = -1
+        self.bar = None
+        self.mode = "off"
+        if not enabled or _QUIET or self.total == 0:
+            return
+        tty = sys.stderr.isatty() if terminal is None else terminal
+        if tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
+            self.mode = "bar"
+        elif log is not None:
+            self.mode = "lines"
+
+    def eta(self) -> float | None:
+        """Seconds left, from the mean time per unit so far (None before the first unit)."""
+        if self.n <= 0:
+            return None
+        return (self._time() - self.t0) / self.n * max(self.total - self.n, 0)
+
+    def line(self, info: str = "") -> str:
+        elapsed = self._time() - self.t0
+        pct = 100.0 * self.n / self.total if self.total else 100.0
+        text = f"{self.desc}: {self.n}/{self.total} {self.unit} ({pct:.0f} %), {_fmt_seconds(elapsed)}"
+        if self.n < self.total:
+            text += f", ETA {_fmt_seconds(self.eta() or 0.0)}"
+        return f"{text}; {info}" if info else text
+
+    def update(self, n: int = 1, info: str = "") -> None:
+        self.n = min(self.n + int(n), self.total)
+        if self.mode == "bar":
+            if info:
+                self.bar.set_postfix_str(info, refresh=False)
+            self.bar.update(n)
+        elif self.mode == "lines":
+            if self.lines:
+                slot = self.n * self.lines // self.total if self.total else self.lines
+                if slot == self._last_line or (slot == 0 and self.n < self.total):
+                    return
+                self._last_line = slot
+            self.log(self.line(info))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(total: int, desc: str, unit: str = "step", log=None, lines: int | None = None, **kw) -> Progress:
+    """A :class:`Progress` (tqdm on a terminal, plain lines through ``log`` elsewhere)."""
+    return Progress(total, desc, unit=unit, log=log, lines=lines, **kw)
+
+
+def track(items, desc: str, unit: str = "step", log=None, info=None, **kw):
+    """Iterate over ``items`` reporting one unit of progress after each; ``info(item)`` (optional)
+    describes the finished item."""
+    items = list(items)
+    with Progress(len(items), desc, unit=unit, log=log, **kw) as bar:
+        for item in items:
+            yield item
+            bar.update(1, info(item) if info else "")
+
+
+def pct(v: float | None) -> str:
+    """An accuracy (a fraction) as a percentage for logs: 0.4312 -> '43.1 %'."""
+    return "n/a" if v is None else f"{100 * float(v):.1f} %"

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, did_you_mean
-from ..utils import generator
+from ..utils import Progress, generator
 from .base import EncoderAttack, eval_mode, register_attack
 from .layer_select import AUTO_KEYS, fit_auto
 from .perturbation import MAX_PATCH_FRACTION, Perturbation
@@ -343,7 +343,8 @@ class AdvEncoder(EncoderAttack):
         per_epoch = len(data) // bs if drop_last else math.ceil(len(data) / bs)
         total = self.iterations if self.iterations > 0 else self.epochs * per_epoch
         t0, done, seen, history = time.time(), 0, 0, []
-        with eval_mode(self.encoder):
+        bar = Progress(total, f"crafting {self.name}", unit="generator steps", log=log, lines=10)
+        with eval_mode(self.encoder), bar:
             while done < total and per_epoch > 0:
                 for x, _, _ in data.batches(bs, shuffle=True, gen=gen, device=device, drop_last=drop_last):
                     with torch.no_grad():
@@ -359,6 +360,7 @@ class AdvEncoder(EncoderAttack):
                     history.append(-float(loss.detach()))
                     done += 1
                     seen += len(x)
+                    bar.update(1, f"objective {history[-1]:.4g}")
                     if done >= total:
                         break
             with torch.no_grad():

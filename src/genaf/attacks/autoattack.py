@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, did_you_mean
-from ..utils import check_eps
+from ..utils import Progress, check_eps
 from .base import eval_mode, input_grad
 
 LOSSES = ("ce", "dlr", "dlr-targeted")
@@ -266,6 +266,7 @@ def autoattack(
     version: str = "standard",
     n_queries: int = 5000,
     log: dict | None = None,
+    progress_log=None,
 ) -> torch.Tensor:
     """AutoAttack on an L∞ ball: the attacks of ``version`` run in turn, each on the points that
     every earlier one left correctly classified; per point the first fooling example is kept (the
@@ -278,7 +279,8 @@ def autoattack(
 
     Points the model already misclassifies are returned unchanged; points no attack fools keep
     the clean image. ``log``, when given, receives per attack the number of points it was run on
-    and the number it fooled.
+    and the number it fooled. ``progress_log``: where a progress line goes after each attack
+    off a terminal (genaf.utils.Progress).
     """
     eps = check_eps(eps)
     _check("ce", steps, 1, target_classes)
@@ -306,10 +308,13 @@ def autoattack(
     with eval_mode(model), torch.no_grad():
         logits = model(x)
     robust = (logits.argmax(1) == y).nonzero().squeeze(1)
+    desc = f"AutoAttack ({version}) on {len(x)} images"
+    bar = Progress(len(VERSIONS[version]), desc, unit="attacks", log=progress_log)
     for name in VERSIONS[version]:
         if robust.numel() == 0:
             break
         if name in ("apgd-t", "fab-t") and logits.shape[1] < (4 if name == "apgd-t" else 2):
+            bar.update(1, f"{name} skipped (too few classes)")
             continue  # the targeted DLR loss needs 4 classes
         xa = runners[name](x[robust], y[robust])
         with eval_mode(model), torch.no_grad():
@@ -318,5 +323,7 @@ def autoattack(
         out[robust[hit]] = xa[hit]
         if log is not None:
             log[name] = {"attacked": int(robust.numel()), "fooled": int(hit.sum())}
+        bar.update(1, f"{name} fooled {int(hit.sum())} of {int(robust.numel())} points left")
         robust = robust[~hit]
+    bar.close()
     return out.detach()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..utils import generator
+from ..utils import Progress, generator
 from .base import LayerTap, eval_mode, register_attack
 from .perturbation import Perturbation
 from .universal import UniversalAttack
@@ -136,7 +136,8 @@ class FFF(UniversalAttack):
         delta = self.init_delta(self.delta_shape(data), gen).to(device).requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=self.lr)
         t0, history = time.time(), []
-        with eval_mode(self.encoder):
+        bar = Progress(self.iterations, f"crafting {self.name}", unit="iterations", log=log, lines=10)
+        with eval_mode(self.encoder), bar:
             for it in range(1, self.iterations + 1):
                 opt.zero_grad(set_to_none=True)
                 with torch.enable_grad():
@@ -152,6 +153,7 @@ class FFF(UniversalAttack):
                         if saturated > self.saturation:
                             delta.mul_(0.5)
                 history.append(float(obj.detach()))
+                bar.update(1, f"objective {history[-1]:.4g}")
         self.seconds = time.time() - t0
         self.images_seen = 0
         self.history = history

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..data import ImageSet
 from ..errors import ConfigError
+from ..utils import Progress
 from .base import eval_mode
 
 AUTO_KEYS = ("layer", "layer2", "location")
@@ -103,17 +104,22 @@ def fit_auto(attack, data: ImageSet, device, surrogate: str = "", log=None):
     scores: dict[str, float] = {}
     best = None
     seconds = 0.0
-    for cand in candidates_for(attack, key):
-        sub = type(attack)(attack.encoder, attack.preset, **{**attack.cfg, key: cand})
-        pert = sub.fit(craft_set, device=device, surrogate=surrogate)
-        seconds += getattr(sub, "seconds", 0.0)
-        scores[cand] = feature_distortion(attack.encoder, pert, held_out, device)
-        if log:
-            log(f"{attack.name}: {key}={cand}: held-out feature distortion {scores[cand]:.4f}")
-        if best is None or scores[cand] > scores[best[0]]:
-            best = (cand, pert, sub)
+    cands = candidates_for(attack, key)
+    bar = Progress(len(cands), f"{attack.name}: choosing {key} (auto)", unit="candidates", log=log)
+    with bar:
+        for cand in cands:
+            sub = type(attack)(attack.encoder, attack.preset, **{**attack.cfg, key: cand})
+            sub_log = (lambda msg, c=cand: log(f"[{key}={c}] {msg}")) if log else None
+            pert = sub.fit(craft_set, device=device, surrogate=surrogate, log=sub_log)
+            seconds += getattr(sub, "seconds", 0.0)
+            scores[cand] = feature_distortion(attack.encoder, pert, held_out, device)
+            bar.update(1, f"{key}={cand}: held-out feature distortion (mean 1-cos) {scores[cand]:.4f}")
+            if best is None or scores[cand] > scores[best[0]]:
+                best = (cand, pert, sub)
     assert best is not None
     cand, pert, sub = best
+    if log:
+        log(f"{attack.name}: {key}={cand} chosen (largest held-out feature distortion, {scores[cand]:.4f})")
     # From here on the attack *is* the winning candidate (its objective, ``score``, a refit).
     for k, v in vars(sub).items():
         setattr(attack, k, v)

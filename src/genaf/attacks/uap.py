@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, unknown
-from ..utils import generator
+from ..utils import Progress, generator
 from .base import eval_mode, input_grad, register_attack
 from .perturbation import Perturbation
 from .surrogate_head import HEAD_KINDS, head_for_attack, margin_loss
@@ -203,21 +203,26 @@ class UAP(UniversalAttack):
         with eval_mode(self.encoder):
             self.fit_head(data, device)
             clean = self.predictions(x_all, batch_size=bs)
-            for _ in range(passes):
+            # at most max_passes passes; the bar counts images visited (a pass may end the run early)
+            bar = Progress(passes * len(x_all), f"crafting {self.name}", unit="images", log=log, lines=10)
+            for p in range(passes):
                 for i in torch.randperm(len(x_all), generator=gen).tolist():
                     seen += 1
                     r, fooled, _ = deepfool(self.classifier, (x_all[i : i + 1] + v).clamp(0, 1), int(clean[i]), **kw)
                     if fooled and bool(r.abs().max() > 0):
                         v = (v + r).clamp(-self.eps, self.eps)
+                    bar.update(1, f"pass {p + 1}")
                 rate = float((self.predictions(x_all, v, bs) != clean).float().mean())
                 history.append(rate)
                 if rate >= target:
                     break
+            bar.close()
         self.seconds = time.time() - t0
         self.images_seen = seen
         self.history = history
         if log:
-            log(f"{self.name}: fooling rate {history[-1]:.3f} after {len(history)} pass(es) in {self.seconds:.1f}s")
+            rate = f"surrogate fooling rate {100 * history[-1]:.1f} %"
+            log(f"{self.name}: {rate} after {len(history)} pass(es) in {self.seconds:.1f}s")
         return self.perturbation(v, surrogate)
 
     def objective(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from ..data import ImageSet
-from ..utils import generator, tensor_hash
+from ..utils import Progress, generator, tensor_hash
 from .base import EncoderAttack, eval_mode, input_grad
 from .layer_select import AUTO_KEYS, fit_auto
 from .perturbation import Perturbation
+
+PROGRESS_LINES = 10  # plain progress lines per crafting run (off a terminal)
 
 
 def encoder_hash(encoder: nn.Module) -> str:
@@ -58,7 +60,8 @@ class UniversalAttack(EncoderAttack):
         step = float(self.cfg["step"])
         iters, bs = int(self.cfg["iterations"]), int(self.cfg["batch_size"])
         t0, done, history = time.time(), 0, []
-        with eval_mode(self.encoder):
+        bar = Progress(iters, f"crafting {self.name}", unit="iterations", log=log, lines=PROGRESS_LINES)
+        with eval_mode(self.encoder), bar:
             while done < iters:
                 for x, _, _ in data.batches(bs, shuffle=True, gen=gen, device=device, drop_last=len(data) >= bs):
                     delta.requires_grad_(True)
@@ -68,6 +71,7 @@ class UniversalAttack(EncoderAttack):
                     delta = (delta.detach() + step * g.sign()).clamp(-self.eps, self.eps)
                     history.append(float(obj.detach()))
                     done += 1
+                    bar.update(1, f"objective {history[-1]:.4g}")
                     if done >= iters:
                         break
         self.seconds = time.time() - t0

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..attacks.base import eval_mode
 from ..attacks.whitebox import frozen_params
+from ..utils import Progress
 
 
 def weight_units(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -113,6 +114,7 @@ def robust_sensitivity(
             first = {id(p): g for p, g in zip(every, g_all)}
         else:
             base, first = _mean_ce(model, probe_x, probe_y, batch_size), {}
+        bar = Progress(len(units), "stage 2: robust sensitivity", unit="layers", log=log)
         for name, params in units.items():
             w0 = [p.detach().clone() for p in params]
             radius = eta * _norm(w0)
@@ -142,8 +144,8 @@ def robust_sensitivity(
                 for p, t0 in zip(params, w0):
                     p.data.copy_(t0)
             scores[name] = best - base
-            if log:
-                log(f"  sensitivity {name:<28s} rho={scores[name]:.4f}")
+            bar.update(1, f"{name}: rho (CE rise under the weight perturbation) {scores[name]:.4f}")
+        bar.close()
     return scores
 
 

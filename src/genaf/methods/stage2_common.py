@@ -78,7 +78,15 @@ def select_layers(model: nn.Module, ctx: Context, cfg: dict, n_selected, key: st
         print(f"genaf: {warn}", file=sys.stderr)
     fraction = float(cfg.get("sensitivity_fraction", 1.0))
     scores = robust_sensitivity(
-        model, adv, ys, units, eta=cfg["eta"], steps=cfg["sensitivity_steps"], seed=ctx.seed, ascent_fraction=fraction
+        model,
+        adv,
+        ys,
+        units,
+        eta=cfg["eta"],
+        steps=cfg["sensitivity_steps"],
+        seed=ctx.seed,
+        ascent_fraction=fraction,
+        log=ctx.log,
     )
     selected = select_redundant(scores, k)
     ctx.log(f"{label}: fine-tuning the {k} most robust-redundant layers: {', '.join(selected)}")
