@@ -645,14 +645,17 @@ def head_warmed_demo_model(data, dev, seed: int):
 
 def width_model(plan: dict, data, dev, work: Path, seed: int, width: int, log=print):
     """A second width for stage 2: a CIFAR-stem ResNet-18 of ``width`` with seeded random weights
-    (the demo encoder's architecture and normalisation at another width), fine-tuned with
-    ``genaf-stage1`` in fast mode (FGSM-RS + guard; PGD-10 would cost ~4x the demo model's
-    training at width 32) for the plan's epochs on the demo split. Cached in ``work``."""
+    (the demo encoder's architecture and normalisation at another width), trained with
+    ``genaf-stage1`` on the demo split: one clean epoch (``eps_warmup_epochs``) and the plan's
+    epochs in fast mode (FGSM-RS + guard; PGD-10 would cost ~4x the demo model's training at
+    width 32), with an encoder learning rate for training from scratch (2e-3; the fine-tuning
+    rate 1e-4 leaves a random encoder at chance in two epochs, and a model at chance scores
+    every layer ~0). Cached in ``work``."""
     from genaf.encoders.demo import DEMO_META
     from genaf.encoders.files import save_encoder
     from genaf.encoders.resnet import build_backbone
 
-    tag = f"w{width}-{'quick' if plan is PLAN['quick'] else 'full'}-seed{seed}"
+    tag = f"w{width}-scratch-{'quick' if plan is PLAN['quick'] else 'full'}-seed{seed}"
     run = work / f"run-stage2-{tag}"
     if not (run / "model.safetensors").is_file():
         if run.exists():
@@ -665,13 +668,18 @@ def width_model(plan: dict, data, dev, work: Path, seed: int, width: int, log=pr
             enc = Encoder(build_backbone(meta), meta)
         path = work / f"encoder-{tag}.safetensors"
         save_encoder(enc, path)
-        log(f"stage 2: training the width-{width} model (genaf-stage1, fast mode, {plan['epochs']} epochs)")
+        log(f"stage 2: training the width-{width} model (genaf-stage1, 1 clean + {plan['epochs']} fast-mode epochs)")
         finetune(
             f"file:{path}",
             "fashion-mnist",
             "genaf-stage1",
             run,
-            method_config={"epochs": plan["epochs"], "attack_steps": 1},
+            method_config={
+                "epochs": plan["epochs"] + 1,
+                "eps_warmup_epochs": 1,
+                "attack_steps": 1,
+                "encoder_lr": 2e-3,
+            },
             train={
                 "batch_size": SETTINGS["full"]["batch_size"],
                 "n_val_robust": GENAF_DEFAULTS["guard_size"],
@@ -699,9 +707,13 @@ def stage2_probe(model, data, dev, probe_size: int, seed: int):
     return adv, ys
 
 
-def score_stage2(model, data, dev, probe_size: int, seed: int, log=print, label: str = "") -> dict:
+def score_stage2(
+    model, data, dev, probe_size: int, seed: int, log=print, label: str = "", variants: dict | None = None
+) -> dict:
     """genaf's robust_sensitivity (the Gen-AF defaults) against the reference procedure on one
-    model: times, the overlap of the k = max(1, 0.2 * layers) selected layers, Spearman."""
+    model: times, the overlap of the k = max(1, 0.2 * layers) selected layers, Spearman, the
+    median ratio of genaf's ρ to the reference's. ``variants`` (name -> robust_sensitivity
+    keyword arguments) are scored against the same reference."""
     cfg = GENAF_DEFAULTS
     adv, ys = stage2_probe(model, data, dev, probe_size, seed)
     units = weight_units(model)
@@ -717,12 +729,20 @@ def score_stage2(model, data, dev, probe_size: int, seed: int, log=print, label:
             ys,
             eta=cfg["eta"],
             steps=cfg["sensitivity_steps"],
+            step_size=cfg["sensitivity_step"],
             ascent_fraction=cfg["sensitivity_fraction"],
             seed=seed,
         )
         _sync(dev)
         t_g.append(time.perf_counter() - t0)
         c_g.append(time.process_time() - c0)
+    # other scorer settings on the same probe, timed right after the default (same load)
+    var_scores, var_times = {}, {}
+    for name, kw in (variants or {}).items():
+        t0, c0 = time.perf_counter(), time.process_time()
+        var_scores[name] = robust_sensitivity(model, adv, ys, eta=cfg["eta"], seed=seed, **kw)
+        _sync(dev)
+        var_times[name] = (time.perf_counter() - t0, time.process_time() - c0)
     log(f"stage 2 [{label}]: genaf robust_sensitivity {_median(t_g):.1f} s; the reference procedure runs now")
     t0, c0 = time.perf_counter(), time.process_time()
     ref = reference_sensitivity(model, adv, ys, eta=cfg["eta"])
@@ -730,6 +750,20 @@ def score_stage2(model, data, dev, probe_size: int, seed: int, log=print, label:
     t_r, c_r = time.perf_counter() - t0, time.process_time() - c0
     sel_g, sel_r = select_redundant(ours, k), select_redundant(ref, k)
     overlap = len(set(sel_g) & set(sel_r)) / k
+    variant_rows = {}
+    for name, sc in var_scores.items():
+        sel = select_redundant(sc, k)
+        rat = [sc[n] / ref[n] for n in units if ref[n] > 1e-6]
+        variant_rows[name] = {
+            "settings": (variants or {})[name],
+            "stage2_topk_overlap": len(set(sel) & set(sel_r)) / k,
+            "stage2_selected": sel,
+            "stage2_rank_correlation": round(_spearman(sc, ref), 3),
+            "stage2_rho_ratio_median": round(_median(rat), 3) if rat else None,
+            "stage2_seconds": round(var_times[name][0], 2),
+            "stage2_speedup_vs_reference": round(t_r / var_times[name][0], 2),
+            "stage2_speedup_vs_reference_cpu": round(c_r / var_times[name][1], 2),
+        }
     log(f"stage 2 [{label}]: reference {t_r:.1f} s; top-{k} overlap {overlap:.2f}")
     # how far genaf's scores are from the reference's (the reference maximises better or not)
     ratio = [ours[n] / ref[n] for n in units if ref[n] > 1e-6]
@@ -747,23 +781,26 @@ def score_stage2(model, data, dev, probe_size: int, seed: int, log=print, label:
         "stage2_rank_correlation": round(_spearman(ours, ref), 3),
         "stage2_rho_ratio_median": round(_median(ratio), 3) if ratio else None,
         "stage2_scores": {n: [round(ours[n], 5), round(ref[n], 5)] for n in units},
+        **({"stage2_variants": variant_rows} if variant_rows else {}),
     }
 
 
-def bench_stage2(models: dict, data, dev, probe_size: int, seed: int, log=print) -> dict:
+def bench_stage2(models: dict, data, dev, probe_size: int, seed: int, log=print, variants=None) -> dict:
     """:func:`score_stage2` for every model (label -> (model, description)). The top-level
     figures are the worst over the models (the target must hold on each of them)."""
     cfg = GENAF_DEFAULTS
     per = {}
     for label, (model, what) in models.items():
-        per[label] = {"model": what, **score_stage2(model, data, dev, probe_size, seed, log, label)}
+        per[label] = {"model": what, **score_stage2(model, data, dev, probe_size, seed, log, label, variants)}
     slowest = min(per, key=lambda m: per[m]["stage2_speedup_vs_reference"])
     return {
         "stage2_setting": {
             "models": {m: r["model"] for m, r in per.items()},
             "probe": f"{probe_size} PGD-10 examples (8/255, 2/255) from the validation split, per model",
             "eta": cfg["eta"],
-            "genaf": f"steps {cfg['sensitivity_steps']}, ascent fraction {cfg['sensitivity_fraction']}, batch 512",
+            "genaf": f"steps {cfg['sensitivity_steps']} of {cfg['sensitivity_step']} x the radius, "
+            f"ascent fraction {cfg['sensitivity_fraction']}, batch 512",
+            "variants": variants or {},
             "reference": "10 epochs of SGD lr 1 ascent (batch 128, full backward) + 10 evaluation passes per layer",
             "k": "max(1, floor(0.2 * layers))",
         },
@@ -776,6 +813,13 @@ def bench_stage2(models: dict, data, dev, probe_size: int, seed: int, log=print)
         "stage2_topk_overlap_by_model": {m: r["stage2_topk_overlap"] for m, r in per.items()},
         "stage2_models": per,
     }
+
+
+# Scorer settings scored beside the default on every model (same probe, same reference): the
+# default before run 6 (benchmarks/RESULTS.md), so a rerun shows both.
+STAGE2_VARIANTS = {
+    "2 steps of 0.5 radius, fraction 0.25 (before run 6)": {"steps": 2, "step_size": 0.5, "ascent_fraction": 0.25},
+}
 
 
 # ---------------------------------------------------------------------------- bf16 agreement
@@ -942,9 +986,12 @@ def main(argv=None) -> int:
                 if name in models:
                     scored[f"demo-{name}"] = (models[name], what)
             for w in widths:
-                what = f"random-init ResNet-18 w{w} + MLP head, genaf-stage1 FGSM-RS ({plan['epochs']} epochs)"
+                what = (
+                    f"ResNet-18 w{w} + MLP head trained from random weights with genaf-stage1 "
+                    f"(1 clean + {plan['epochs']} FGSM-RS epochs, encoder lr 2e-3)"
+                )
                 scored[f"w{w}-fast"] = (width_model(plan, data, dev, work, a.seed, w, log=log), what)
-            res.update(bench_stage2(scored, data, dev, plan["probe"], a.seed, log=log))
+            res.update(bench_stage2(scored, data, dev, plan["probe"], a.seed, log=log, variants=STAGE2_VARIANTS))
         if "bf16" in parts:
             res.update(bf16_agreement(models, data, dev))
     finally:

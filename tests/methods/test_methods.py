@@ -67,7 +67,9 @@ def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data):
     selected = sens["selected"]
     assert len(selected) == 3 and len(sens["sensitivity"]) == 23  # 20 convs + 3 head linears
     # the saved dictionary holds the values of the definition, recomputed here independently
-    expected = _naive_sensitivity(before, tiny_data, probe_size=32, steps=2, eta=sens["eta"])
+    expected = _naive_sensitivity(
+        before, tiny_data, probe_size=32, steps=2, eta=sens["eta"], step_size=sens["step_size"]
+    )
     assert set(expected) == set(sens["sensitivity"])
     for name, rho in expected.items():
         assert sens["sensitivity"][name] == pytest.approx(rho, rel=1e-2, abs=1e-5), name  # float32 sums
