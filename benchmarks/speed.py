@@ -21,12 +21,17 @@ Parts (``--parts`` picks a subset; default all):
   ε = 16/255 crafted on the original encoder) with fast mode (``attack_steps = 1``: FGSM-RS
   plus the catastrophic-overfitting guard) and with PGD-10: time per epoch and robust
   accuracy under the DAEs.
-- ``stage2``: the robust sensitivity dictionary of the PGD-10 model (or, without ``fast``, a
-  head-warmed demo model) on a PGD-10 probe: genaf's ``robust_sensitivity`` with the Gen-AF
-  defaults against the reference procedure (RiFT-style module robust criticality: per layer,
-  10 epochs of SGD (lr 1) ascent on −CE over the probe with full backward passes, projection
-  to ‖ΔW‖_F ≤ η‖W‖_F once per epoch, an evaluation pass after each epoch, the maximum kept),
-  same η, same probe; time and the overlap of the selected k = ⌊0.2·layers⌋.
+- ``stage2``: the robust sensitivity dictionary of several models, each on its own PGD-10
+  probe (256 validation examples): the fast part's two Gen-AF stage-1 demo models (PGD-10 and
+  FGSM-RS; without ``fast``, a head-warmed demo model) and, for each ``--stage2-widths`` width
+  (default 32), a ResNet-18 of that width trained from random weights with ``genaf-stage1``.
+  genaf's ``robust_sensitivity`` with the Gen-AF defaults (and the settings of
+  ``STAGE2_VARIANTS``, e.g. the previous default) against the reference procedure (RiFT-style
+  module robust criticality: per layer, 10 epochs of SGD (lr 1) ascent on −CE over the probe
+  with full backward passes, projection to ‖ΔW‖_F ≤ η‖W‖_F once per epoch, an evaluation pass
+  after each epoch, the maximum kept), same η, same probe: time, the overlap of the selected
+  k = ⌊0.2·layers⌋, Spearman, the median ratio of the two ρ. The top-level figures are the
+  worst model's; ``stage2_models`` holds each model's.
 - ``bf16``: the fraction of demo test predictions on which bf16 autocast and fp32 agree
   (the PGD-10 and fast models of ``fast``, or a head-warmed demo model).
 
