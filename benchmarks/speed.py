@@ -21,12 +21,17 @@ Parts (``--parts`` picks a subset; default all):
   ε = 16/255 crafted on the original encoder) with fast mode (``attack_steps = 1``: FGSM-RS
   plus the catastrophic-overfitting guard) and with PGD-10: time per epoch and robust
   accuracy under the DAEs.
-- ``stage2``: the robust sensitivity dictionary of the PGD-10 model (or, without ``fast``, a
-  head-warmed demo model) on a PGD-10 probe: genaf's ``robust_sensitivity`` with the Gen-AF
-  defaults against the reference procedure (RiFT-style module robust criticality: per layer,
-  10 epochs of SGD (lr 1) ascent on −CE over the probe with full backward passes, projection
-  to ‖ΔW‖_F ≤ η‖W‖_F once per epoch, an evaluation pass after each epoch, the maximum kept),
-  same η, same probe; time and the overlap of the selected k = ⌊0.2·layers⌋.
+- ``stage2``: the robust sensitivity dictionary of several models, each on its own PGD-10
+  probe (256 validation examples): the fast part's two Gen-AF stage-1 demo models (PGD-10 and
+  FGSM-RS; without ``fast``, a head-warmed demo model) and, for each ``--stage2-widths`` width
+  (default 32), a ResNet-18 of that width trained from random weights with ``genaf-stage1``.
+  genaf's ``robust_sensitivity`` with the Gen-AF defaults (and the settings of
+  ``STAGE2_VARIANTS``, e.g. the previous default) against the reference procedure (RiFT-style
+  module robust criticality: per layer, 10 epochs of SGD (lr 1) ascent on −CE over the probe
+  with full backward passes, projection to ‖ΔW‖_F ≤ η‖W‖_F once per epoch, an evaluation pass
+  after each epoch, the maximum kept), same η, same probe: time, the overlap of the selected
+  k = ⌊0.2·layers⌋, Spearman, the median ratio of the two ρ. The top-level figures are the
+  worst model's; ``stage2_models`` holds each model's.
 - ``bf16``: the fraction of demo test predictions on which bf16 autocast and fp32 agree
   (the PGD-10 and fast models of ``fast``, or a head-warmed demo model).
 
@@ -643,17 +648,82 @@ def head_warmed_demo_model(data, dev, seed: int):
     return model.eval()
 
 
-def bench_stage2(model, data, dev, probe_size: int, seed: int, log=print) -> dict:
-    cfg = GENAF_DEFAULTS
+def width_model(plan: dict, data, dev, work: Path, seed: int, width: int, log=print):
+    """A second width for stage 2: a CIFAR-stem ResNet-18 of ``width`` with seeded random weights
+    (the demo encoder's architecture and normalisation at another width), trained with
+    ``genaf-stage1`` on the demo split: one clean epoch (``eps_warmup_epochs``) and the plan's
+    epochs in fast mode (FGSM-RS + guard; PGD-10 would cost ~4x the demo model's training at
+    width 32), with an encoder learning rate for training from scratch (2e-3; the fine-tuning
+    rate 1e-4 leaves a random encoder at chance in two epochs, and a model at chance scores
+    every layer ~0). Cached in ``work``."""
+    from genaf.encoders.demo import DEMO_META
+    from genaf.encoders.files import save_encoder
+    from genaf.encoders.resnet import build_backbone
+
+    tag = f"w{width}-scratch-{'quick' if plan is PLAN['quick'] else 'full'}-seed{seed}"
+    run = work / f"run-stage2-{tag}"
+    if not (run / "model.safetensors").is_file():
+        if run.exists():
+            import shutil
+
+            shutil.rmtree(run)
+        meta = dict(DEMO_META, width=width, method="random-init")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            enc = Encoder(build_backbone(meta), meta)
+        path = work / f"encoder-{tag}.safetensors"
+        save_encoder(enc, path)
+        log(f"stage 2: training the width-{width} model (genaf-stage1, 1 clean + {plan['epochs']} fast-mode epochs)")
+        finetune(
+            f"file:{path}",
+            "fashion-mnist",
+            "genaf-stage1",
+            run,
+            method_config={
+                "epochs": plan["epochs"] + 1,
+                "eps_warmup_epochs": 1,
+                "attack_steps": 1,
+                "encoder_lr": 2e-3,
+            },
+            train={
+                "batch_size": SETTINGS["full"]["batch_size"],
+                "n_val_robust": GENAF_DEFAULTS["guard_size"],
+                "val_steps": 10,
+                "device": str(dev),
+                "progress": False,
+            },
+            data={k: plan["demo"][k] for k in ("n_train", "n_val", "n_test")},
+            seed=seed,
+            datamodule=data,
+            log=lambda *_: None,
+        )
+    return load_model(run, dev).eval()
+
+
+def stage2_probe(model, data, dev, probe_size: int, seed: int):
+    """The stage-2 probe of one model: PGD-10 (8/255, 2/255, random start) on the first
+    ``probe_size`` validation images."""
     val = data.val.subset(probe_size)
     xs, ys = val.float_images().to(dev), val.labels.to(dev)
     gen = torch.Generator().manual_seed(seed)
     adv = torch.cat(
         [pgd(model, xs[i : i + 256], ys[i : i + 256], EPS, STEP, 10, gen=gen) for i in range(0, len(xs), 256)]
     )
+    return adv, ys
+
+
+def score_stage2(
+    model, data, dev, probe_size: int, seed: int, log=print, label: str = "", variants: dict | None = None
+) -> dict:
+    """genaf's robust_sensitivity (the Gen-AF defaults) against the reference procedure on one
+    model: times, the overlap of the k = max(1, 0.2 * layers) selected layers, Spearman, the
+    median ratio of genaf's ρ to the reference's. ``variants`` (name -> robust_sensitivity
+    keyword arguments) are scored against the same reference."""
+    cfg = GENAF_DEFAULTS
+    adv, ys = stage2_probe(model, data, dev, probe_size, seed)
     units = weight_units(model)
     k = max(1, int(cfg["stage2_k_fraction"] * len(units)))
-    log(f"stage 2: {len(units)} layers, probe of {len(adv)} PGD-10 examples, k = {k}")
+    log(f"stage 2 [{label}]: {len(units)} layers, probe of {len(adv)} PGD-10 examples, k = {k}")
     robust_sensitivity(model, adv[:64], ys[:64], eta=cfg["eta"], steps=1)  # warm-up
     t_g, c_g = [], []
     for _ in range(2):
@@ -664,38 +734,97 @@ def bench_stage2(model, data, dev, probe_size: int, seed: int, log=print) -> dic
             ys,
             eta=cfg["eta"],
             steps=cfg["sensitivity_steps"],
+            step_size=cfg["sensitivity_step"],
             ascent_fraction=cfg["sensitivity_fraction"],
             seed=seed,
         )
         _sync(dev)
         t_g.append(time.perf_counter() - t0)
         c_g.append(time.process_time() - c0)
-    log(f"stage 2: genaf robust_sensitivity {_median(t_g):.1f} s; the reference procedure runs now")
+    # other scorer settings on the same probe, timed right after the default (same load)
+    var_scores, var_times = {}, {}
+    for name, kw in (variants or {}).items():
+        t0, c0 = time.perf_counter(), time.process_time()
+        var_scores[name] = robust_sensitivity(model, adv, ys, eta=cfg["eta"], seed=seed, **kw)
+        _sync(dev)
+        var_times[name] = (time.perf_counter() - t0, time.process_time() - c0)
+    log(f"stage 2 [{label}]: genaf robust_sensitivity {_median(t_g):.1f} s; the reference procedure runs now")
     t0, c0 = time.perf_counter(), time.process_time()
     ref = reference_sensitivity(model, adv, ys, eta=cfg["eta"])
     _sync(dev)
     t_r, c_r = time.perf_counter() - t0, time.process_time() - c0
     sel_g, sel_r = select_redundant(ours, k), select_redundant(ref, k)
+    overlap = len(set(sel_g) & set(sel_r)) / k
+    variant_rows = {}
+    for name, sc in var_scores.items():
+        sel = select_redundant(sc, k)
+        rat = [sc[n] / ref[n] for n in units if ref[n] > 1e-6]
+        variant_rows[name] = {
+            "settings": (variants or {})[name],
+            "stage2_topk_overlap": len(set(sel) & set(sel_r)) / k,
+            "stage2_selected": sel,
+            "stage2_rank_correlation": round(_spearman(sc, ref), 3),
+            "stage2_rho_ratio_median": round(_median(rat), 3) if rat else None,
+            "stage2_seconds": round(var_times[name][0], 2),
+            "stage2_speedup_vs_reference": round(t_r / var_times[name][0], 2),
+            "stage2_speedup_vs_reference_cpu": round(c_r / var_times[name][1], 2),
+        }
+    log(f"stage 2 [{label}]: reference {t_r:.1f} s; top-{k} overlap {overlap:.2f}")
+    # how far genaf's scores are from the reference's (the reference maximises better or not)
+    ratio = [ours[n] / ref[n] for n in units if ref[n] > 1e-6]
     return {
-        "stage2_setting": {
-            "model": "the PGD-10 Gen-AF stage-1 demo model (demo encoder + MLP head)",
-            "probe": f"{len(adv)} PGD-10 examples (8/255, 2/255) from the validation split",
-            "eta": cfg["eta"],
-            "genaf": f"steps {cfg['sensitivity_steps']}, ascent fraction {cfg['sensitivity_fraction']}, batch 512",
-            "reference": "10 epochs of SGD lr 1 ascent (batch 128, full backward) + 10 evaluation passes per layer",
-            "k": k,
-            "layers": len(units),
-        },
+        "layers": len(units),
+        "k": k,
+        "probe": len(adv),
         "stage2_seconds": round(_median(t_g), 2),
         "stage2_reference_seconds": round(t_r, 2),
         "stage2_speedup_vs_reference": round(t_r / _median(t_g), 2),
         "stage2_speedup_vs_reference_cpu": round(c_r / _median(c_g), 2),
-        "stage2_topk_overlap": len(set(sel_g) & set(sel_r)) / k,
+        "stage2_topk_overlap": overlap,
         "stage2_selected": sel_g,
         "stage2_reference_selected": sel_r,
         "stage2_rank_correlation": round(_spearman(ours, ref), 3),
+        "stage2_rho_ratio_median": round(_median(ratio), 3) if ratio else None,
         "stage2_scores": {n: [round(ours[n], 5), round(ref[n], 5)] for n in units},
+        **({"stage2_variants": variant_rows} if variant_rows else {}),
     }
+
+
+def bench_stage2(models: dict, data, dev, probe_size: int, seed: int, log=print, variants=None) -> dict:
+    """:func:`score_stage2` for every model (label -> (model, description)). The top-level
+    figures are the worst over the models (the target must hold on each of them)."""
+    cfg = GENAF_DEFAULTS
+    per = {}
+    for label, (model, what) in models.items():
+        per[label] = {"model": what, **score_stage2(model, data, dev, probe_size, seed, log, label, variants)}
+    slowest = min(per, key=lambda m: per[m]["stage2_speedup_vs_reference"])
+    return {
+        "stage2_setting": {
+            "models": {m: r["model"] for m, r in per.items()},
+            "probe": f"{probe_size} PGD-10 examples (8/255, 2/255) from the validation split, per model",
+            "eta": cfg["eta"],
+            "genaf": f"steps {cfg['sensitivity_steps']} of {cfg['sensitivity_step']} x the radius, "
+            f"ascent fraction {cfg['sensitivity_fraction']}, batch 512",
+            "variants": variants or {},
+            "reference": "10 epochs of SGD lr 1 ascent (batch 128, full backward) + 10 evaluation passes per layer",
+            "k": "max(1, floor(0.2 * layers))",
+        },
+        # the worst model's figures (each target must hold on every model scored)
+        "stage2_topk_overlap": min(r["stage2_topk_overlap"] for r in per.values()),
+        "stage2_speedup_vs_reference": min(r["stage2_speedup_vs_reference"] for r in per.values()),
+        "stage2_rank_correlation": min(r["stage2_rank_correlation"] for r in per.values()),
+        "stage2_seconds": per[slowest]["stage2_seconds"],  # of the model with the lowest speed-up
+        "stage2_reference_seconds": per[slowest]["stage2_reference_seconds"],
+        "stage2_topk_overlap_by_model": {m: r["stage2_topk_overlap"] for m, r in per.items()},
+        "stage2_models": per,
+    }
+
+
+# Scorer settings scored beside the default on every model (same probe, same reference): the
+# default before run 6 (benchmarks/RESULTS.md), so a rerun shows both.
+STAGE2_VARIANTS = {
+    "2 steps of 0.5 radius, fraction 0.25 (before run 6)": {"steps": 2, "step_size": 0.5, "ascent_fraction": 0.25},
+}
 
 
 # ---------------------------------------------------------------------------- bf16 agreement
@@ -764,6 +893,13 @@ def table(res: dict) -> str:
             ok = v <= t if op == "<=" else v >= t
             tgt = f"{op} {t}  {'met' if ok else 'MISSED'}"
         lines.append(f"{k:<34s} {v:>12.3f}  {tgt}" if isinstance(v, float) else f"{k:<34s} {v!s:>12s}  {tgt}")
+    for m, r in res.get("stage2_models", {}).items():
+        lines.append(
+            f"  stage 2 on {m}: overlap {r['stage2_topk_overlap']:.2f} ({', '.join(r['stage2_selected'])} | "
+            f"reference {', '.join(r['stage2_reference_selected'])}), Spearman {r['stage2_rank_correlation']:.3f}, "
+            f"{r['stage2_seconds']:.1f} s vs {r['stage2_reference_seconds']:.1f} s "
+            f"({r['stage2_speedup_vs_reference']:.1f}x), median rho ratio {r['stage2_rho_ratio_median']}"
+        )
     return "\n".join(lines)
 
 
@@ -783,6 +919,11 @@ def main(argv=None) -> int:
         choices=("none", "default", "reduce-overhead", "max-autotune"),
         help="also time the stage-1 step under torch.compile (bf16 + channels_last on cuda)",
     )
+    ap.add_argument(
+        "--stage2-widths",
+        default="32",
+        help="comma-separated widths of extra ResNet-18 models scored by the stage2 part ('' for none)",
+    )
     ap.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
@@ -791,6 +932,12 @@ def main(argv=None) -> int:
         _rss_probe(a.steps, a.batch)
         return 0
     parts = [p for p in a.parts.split(",") if p]
+    try:
+        widths = [int(w) for w in a.stage2_widths.split(",") if w.strip()]
+    except ValueError:
+        ap.error(f"--stage2-widths wants comma-separated whole numbers, got '{a.stage2_widths}'")
+    if any(w < 1 for w in widths):
+        ap.error(f"--stage2-widths wants positive widths, got '{a.stage2_widths}'")
     bad = [p for p in parts if p not in PARTS]
     if bad:
         ap.error(f"unknown part(s) {bad}; choose from {PARTS}")
@@ -835,10 +982,21 @@ def main(argv=None) -> int:
             if not models:
                 models = {"head-warmed": head_warmed_demo_model(data, dev, a.seed)}
         if "stage2" in parts:
-            model = models.get("pgd10", next(iter(models.values())))
-            res.update(bench_stage2(model, data, dev, plan["probe"], a.seed, log=log))
-            if "pgd10" not in models:
-                res["stage2_setting"]["model"] = "demo encoder + head trained on clean features"
+            scored = {}
+            for name, what in (
+                ("pgd10", "demo encoder (ResNet-18 w16) + MLP head, genaf-stage1 PGD-10 (the fast part)"),
+                ("fast", "demo encoder (ResNet-18 w16) + MLP head, genaf-stage1 FGSM-RS (the fast part)"),
+                ("head-warmed", "demo encoder + MLP head trained on clean features (no fine-tuning)"),
+            ):
+                if name in models:
+                    scored[f"demo-{name}"] = (models[name], what)
+            for w in widths:
+                what = (
+                    f"ResNet-18 w{w} + MLP head trained from random weights with genaf-stage1 "
+                    f"(1 clean + {plan['epochs']} FGSM-RS epochs, encoder lr 2e-3)"
+                )
+                scored[f"w{w}-fast"] = (width_model(plan, data, dev, work, a.seed, w, log=log), what)
+            res.update(bench_stage2(scored, data, dev, plan["probe"], a.seed, log=log, variants=STAGE2_VARIANTS))
         if "bf16" in parts:
             res.update(bf16_agreement(models, data, dev))
     finally:

@@ -82,7 +82,9 @@ def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data, encoder)
         assert blocks | {"encoder.backbone.patch_embed.proj"} <= set(sens["sensitivity"])
         assert not any("norm" in k for k in sens["sensitivity"])  # LayerNorm is never a unit
     # the saved dictionary holds the values of the definition, recomputed here independently
-    expected = _naive_sensitivity(before, tiny_data, probe_size=32, steps=2, eta=sens["eta"], encoder=encoder)
+    expected = _naive_sensitivity(
+        before, tiny_data, probe_size=32, steps=2, eta=sens["eta"], step_size=sens["step_size"], encoder=encoder
+    )
     assert set(expected) == set(sens["sensitivity"])
     for name, rho in expected.items():
         assert sens["sensitivity"][name] == pytest.approx(rho, rel=1e-2, abs=1e-5), name  # float32 sums

@@ -42,3 +42,32 @@ def test_scores_are_deterministic_and_grow_with_eta():
     assert a == b
     assert all(c[k] >= a[k] for k in a) and all(v >= 0 for v in a.values())
     assert list(weight_units(model)) == ["0", "2"]
+
+
+def test_steps_are_a_full_radius_long_and_end_on_the_boundary():
+    """One step of the default length is the whole radius along the normalised gradient
+    (ρ = L(W + η‖W‖·ĝ) − L(W), computed here by hand); a step of half the radius reaches only
+    L(W + η‖W‖·ĝ/2), and two half steps along turning gradients end inside the ball."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(96, 5), torch.randint(0, 3, (96,))
+    w = model[0].weight
+    w0 = w.detach().clone()
+    r = 0.1 * float(w0.norm())
+    w.requires_grad_(True)
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), w)[0]
+    with torch.no_grad():
+        base = float(F.cross_entropy(model(x), y))
+        w.copy_(w0 + r * g / g.norm())
+        full = float(F.cross_entropy(model(x), y)) - base
+        w.copy_(w0 + 0.5 * r * g / g.norm())
+        half = float(F.cross_entropy(model(x), y)) - base
+        w.copy_(w0)
+    scores = robust_sensitivity(model, x, y, eta=0.1, steps=1)
+    assert abs(scores["0"] - full) < 1e-5 and full > half > 0
+    assert abs(robust_sensitivity(model, x, y, eta=0.1, steps=1, step_size=0.5)["0"] - half) < 1e-5
+    # more full-radius steps re-aim along the boundary: never below the first step's loss
+    assert robust_sensitivity(model, x, y, eta=0.1, steps=3)["0"] >= full - 1e-6
+    assert torch.equal(w.detach(), w0)

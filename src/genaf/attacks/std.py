@@ -6,7 +6,7 @@ Examples with Dispersion Reduction", CVPR 2020) as a universal attack on the enc
 head relies on. The universal loop maximises, so :meth:`StdAttack.objective` returns ``−dispersion``.
 
 The paper attacks one image at a time (ε 16/255, step 4/255, 100 iterations); the universal presets
-keep METHOD.md's ε 0.05 and take sign steps of ε/25 (paper: many small steps) or ε/20 (cpu).
+keep the ε 0.05 of METHOD.md §5 and take sign steps of ε/25 (paper: many small steps) or ε/20 (cpu).
 """
 
 from __future__ import annotations

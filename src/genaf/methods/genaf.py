@@ -77,8 +77,14 @@ GENAF_DEFAULTS = dict(
     stage2_lr=1e-3,
     stage2_weight_decay=8e-4,
     eta=0.1,
-    sensitivity_steps=2,  # the first (shared by all layers) + one refinement (benchmarks/speed.py)
+    # robust sensitivity (METHOD.md §4.2): the first ascent step (shared by all layers) + two
+    # refinements on the leading quarter of the probe, each step a full radius η‖W‖ (projected);
+    # was 2 steps of half the radius, which under-estimated ρ on strongly curved layers and
+    # picked other layers than the reference procedure (stage2_common.SENSITIVITY_STEP;
+    # benchmarks/RESULTS.md, run 6)
+    sensitivity_steps=3,
     sensitivity_fraction=0.25,  # steps after the first use this leading fraction of the probe
+    sensitivity_step=1.0,  # each ascent step's length as a fraction of the radius η‖W‖
     probe_size=512,
     evolution=False,  # measured worse on the demo protocol (docs/GENAF.md)
     evolution_tolerance=0.01,

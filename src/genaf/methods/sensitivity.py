@@ -87,7 +87,7 @@ def robust_sensitivity(
     units: dict[str, list[nn.Parameter]] | None = None,
     eta: float = 0.1,
     steps: int = 10,
-    step_size: float = 0.5,
+    step_size: float = 1.0,
     batch_size: int = 512,
     seed: int = 0,
     log=None,
@@ -97,7 +97,10 @@ def robust_sensitivity(
 
     ``units`` maps a name to the parameter tensors perturbed together (default: each
     Conv2d/Linear weight). ``steps`` normalised ascent steps of ``step_size``·``η‖W‖_F`` each
-    (the first one shared by all units); steps after the first use the leading
+    (the first one shared by all units), each followed by the projection onto the ball; with
+    ``step_size`` 1 (the default) every step ends on its boundary, where the reference
+    procedure's large SGD steps end too (see ``stage2_common.SENSITIVITY_STEP``). Steps after
+    the first use the leading
     ``ascent_fraction`` of the probe (at least 64 images). The ascent is deterministic
     (``seed`` is accepted for compatibility). Weights, ``requires_grad`` flags and module
     modes are restored exactly.

@@ -57,6 +57,19 @@ def craft_probe(model: nn.Module, ctx: Context, cfg: dict, key: str) -> tuple[to
     return adv, ys
 
 
+# The length of each ascent step of the sensitivity scoring, as a fraction of the radius η‖W‖,
+# when a method's configuration does not set ``sensitivity_step`` (RiFT's does not). A full
+# radius: each step lands on the boundary ‖ΔW‖_F = η‖W‖_F after its projection, as the reference
+# procedure's (RiFT-style SGD with lr 1 on the mean cross-entropy) do: its steps are 0.4-15 times
+# the radius on the demo model, so after its first epochs every layer sits on the boundary and
+# each further epoch re-aims the perturbation along the new gradient. Steps of half the radius
+# (the earlier default, with two steps) ended inside the ball whenever the second gradient
+# turned away from the first and under-estimated ρ most where the loss curves most along the
+# ascent (early convolutions: a fifth of the reference's ρ), ranking such layers as
+# robust-redundant. benchmarks/RESULTS.md, run 6, has the measurement.
+SENSITIVITY_STEP = 1.0
+
+
 def select_layers(model: nn.Module, ctx: Context, cfg: dict, n_selected, key: str, label: str) -> dict:
     """Score every Conv2d/Linear layer (a ViT: each block's qkv, proj, fc1, fc2, the patch
     embedding and the head; :func:`~genaf.methods.sensitivity.weight_units`) on a PGD probe and
@@ -77,6 +90,7 @@ def select_layers(model: nn.Module, ctx: Context, cfg: dict, n_selected, key: st
         ctx.log(warn)
         print(f"genaf: {warn}", file=sys.stderr)
     fraction = float(cfg.get("sensitivity_fraction", 1.0))
+    step_size = float(cfg.get("sensitivity_step", SENSITIVITY_STEP))
     scores = robust_sensitivity(
         model,
         adv,
@@ -84,6 +98,7 @@ def select_layers(model: nn.Module, ctx: Context, cfg: dict, n_selected, key: st
         units,
         eta=cfg["eta"],
         steps=cfg["sensitivity_steps"],
+        step_size=step_size,
         seed=ctx.seed,
         ascent_fraction=fraction,
         log=ctx.log,
@@ -98,6 +113,7 @@ def select_layers(model: nn.Module, ctx: Context, cfg: dict, n_selected, key: st
         "eta": cfg["eta"],
         "steps": cfg["sensitivity_steps"],
         "ascent_fraction": fraction,
+        "step_size": step_size,
     }
 
 
