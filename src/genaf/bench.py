@@ -1268,6 +1268,7 @@ class Bench:
         from safetensors.torch import save_file
 
         from .api import craft_per_sample
+        from .encoders.safe_load import check_safetensors
 
         spec = dict(self.cfg.encoders)[enc]
         fp = _hash(
@@ -1289,6 +1290,7 @@ class Bench:
             for split, images in (("test", dm.test), ("val", dm.val)):
                 path = folder / f"eps{_eps_tag(eps)}-seed{seed}-{fp}-{split}.safetensors"
                 if path.is_file():
+                    check_safetensors(path, "cached per-sample DAE images")
                     with safe_open(str(path), framework="pt") as fh:
                         x = fh.get_tensor("x_adv")
                         d = json.loads(fh.metadata()["desc"])

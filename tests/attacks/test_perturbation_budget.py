@@ -123,3 +123,19 @@ def test_patch_fraction_above_the_threshold_is_an_option_error(tiny_encoder, rel
     with pytest.raises(ConfigError, match="full-image perturbation") as info:
         create_attack("advencoder-patch", tiny_encoder, patch_fraction=0.9)
     reliability["message"] = str(info.value)
+
+
+def test_a_header_that_claims_a_huge_delta_is_refused_before_reading(tmp_path, reliability):
+    """A 200-byte perturbation file whose header declares a 100000×100000 δ: refused from the
+    header (declared bytes against the file's size), before safetensors allocates anything."""
+    reliability["input"] = "Perturbation.load of a 200-byte file whose header declares a 100000x100000 float δ"
+    header = {
+        "__metadata__": {"genaf_perturbation": json.dumps({"eps": EPS, "kind": "additive"})},
+        "delta": {"dtype": "F32", "shape": [1, 1, 100000, 100000], "data_offsets": [0, 4 * 10**10]},
+    }
+    raw = json.dumps(header).encode()
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 16)
+    with pytest.raises(CheckpointError, match="malformed or out-of-file") as info:
+        Perturbation.load(path)
+    reliability["message"] = str(info.value).replace(str(tmp_path), "$TMP")

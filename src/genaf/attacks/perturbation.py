@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -195,6 +196,15 @@ class Perturbation:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"perturbation file {path} does not exist")
+        from ..encoders.safe_load import check_safetensors
+
+        # the header's declared tensors against the file's size and the limits, before reading any
+        try:
+            check_safetensors(path, "file")
+        except CheckpointError as exc:
+            head = rf"^file {re.escape(str(path))}:?\s*(is not a readable safetensors file:?\s*)?"
+            detail = re.sub(head, "", str(exc))
+            raise CheckpointError(f"{path} is not a readable perturbation file (safetensors): {detail}") from None
         try:
             with safe_open(str(path), framework="pt") as fh:
                 header = fh.metadata() or {}
