@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the offline demo: SFT, AT and Gen-AF on Fashion-MNIST against DAEs",
         description="The offline demo: SFT, AT and Gen-AF on Fashion-MNIST against DAEs crafted on the "
-        "shipped encoder; writes OUT/report.md and OUT/<method>/metrics.json (~8 min on 2 CPU cores).",
+        "shipped encoder; writes OUT/report.md and OUT/<method>/metrics.json "
+        "(about 20 minutes of CPU time at one thread).",
     )
     p.add_argument("--out", default="demo-run", help="output folder (default %(default)s)")
     p.add_argument(
