@@ -278,10 +278,12 @@ def check_encoder_spec(spec: str, where: str = "encoders") -> None:
             f"{where}: unknown encoder spec scheme '{scheme}' in '{spec}'{did_you_mean(scheme, SCHEMES)}; "
             f"choose one of: {', '.join(SCHEMES)}"
         )
-    if scheme == "demo" and rest:
-        raise _fail(f"{where}: 'demo' takes no path (got '{spec}')")
-    if scheme == "random" and rest not in ("", "demo"):
-        raise _fail(f"{where}: only random:demo exists (got '{spec}')")
+    if scheme in ("demo", "demo-vit") and rest:
+        raise _fail(f"{where}: '{scheme}' takes no path (got '{spec}')")
+    from .encoders.vit import VIT_ARCHS
+
+    if scheme == "random" and rest not in ("", "demo", *VIT_ARCHS):
+        raise _fail(f"{where}: random:NAME takes demo or a genaf ViT ({', '.join(VIT_ARCHS)}), got '{spec}'")
     if scheme in ("file", "solo") and not rest:
         raise _fail(f"{where}: '{spec}' needs a path: write {scheme}:PATH")
     if scheme == "torchvision":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from genaf.attacks.base import LayerTap, create_attack
@@ -185,3 +186,26 @@ def test_layout_is_found_by_type_on_timm_and_hugging_face_backbones():
     dino = transformers.Dinov2Model(cfg)
     assert layer_aliases(dino)["relu"] == "embeddings.patch_embeddings.projection"
     assert layer_aliases(dino)["layer2"] == "encoder.layer.1" and is_transformer(dino)
+
+
+def test_shipped_demo_vit_loads_and_is_pretrained(capsys):
+    """`demo-vit`: the vit-tiny pre-trained with SimCLR on Fashion-MNIST ships in the package; its
+    features separate two classes better than the same architecture with random weights (a cheap
+    stand-in for benchmarks/encoder_quality.py: nearest-class-mean accuracy on 200 test images)."""
+    from genaf.data import load_dataset
+
+    enc = load_encoder("demo-vit")
+    assert enc.arch == "vit-tiny" and enc.meta["source"] == "demo-vit"
+    assert enc.source_files and len(enc.source_files[0]["sha256"]) == 64
+    data = load_dataset("fashion-mnist-demo", n_train=400, n_val=16, n_test=200, seed=0)
+
+    def ncm(e):
+        with torch.no_grad():
+            tr = F.normalize(e(data.train.float_images()), dim=1)
+            te = F.normalize(e(data.test.float_images()), dim=1)
+        means = torch.stack([tr[data.train.labels == c].mean(0) for c in range(data.num_classes)])
+        return float(((te @ means.t()).argmax(1) == data.test.labels).float().mean())
+
+    assert ncm(enc) > ncm(load_encoder("random:vit-tiny")) + 0.05
+    assert main(["inspect", "demo-vit"]) == 0
+    assert "vit-tiny" in capsys.readouterr().out

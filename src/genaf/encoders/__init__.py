@@ -6,6 +6,7 @@ Specs:
     ``file:PATH``                 a genaf encoder file (``.pt`` or ``.safetensors``)
     ``demo``                      the project's small Fashion-MNIST encoder (offline)
     ``random:demo``               the demo architecture with random weights (a control)
+    ``demo-vit``                  the project's small Fashion-MNIST ViT (vit-tiny, SimCLR; offline)
     ``timm:MODEL_NAME[:PATH]``    a timm model; weights from PATH (.safetensors/.pth/.bin), else timm's hub
     ``hf:DIR`` / ``hf:ORG/NAME``  a Hugging Face vision backbone folder (or hub id)
 
@@ -26,10 +27,10 @@ from pathlib import Path
 
 from ..errors import SpecError, unknown
 from .base import DATASET_STATS, Encoder, Normalize, encoder_from_state, load_state_strict
-from .demo import DEMO_META, demo_encoder, random_encoder
+from .demo import DEMO_META, demo_encoder, demo_vit_encoder, random_encoder
 from .files import load_encoder_file, read_encoder_file, save_encoder
 
-SCHEMES = ("solo", "torchvision", "file", "demo", "random", "timm", "hf")
+SCHEMES = ("solo", "torchvision", "file", "demo", "demo-vit", "random", "timm", "hf")
 # spec options (after '?'), and the schemes that take each
 SPEC_OPTIONS = {"pool": ("timm", "hf")}
 _OPTIONS_RE = re.compile(r"^[a-z_]+=[^&?=]*(&[a-z_]+=[^&?=]*)*$")
@@ -79,6 +80,11 @@ def load_encoder(spec: str) -> Encoder:
         from .demo import ASSET
 
         files = [ASSET] if ASSET.is_file() else []
+    elif scheme == "demo-vit" and not rest:
+        from .demo import ASSET_VIT
+
+        enc = demo_vit_encoder()
+        files = [ASSET_VIT]
     elif scheme == "random":
         enc = random_encoder(rest or "demo")
     elif scheme == "file" and rest:

@@ -46,6 +46,12 @@ DEMO_META_VIT: dict = {
 }
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "demo_encoder.safetensors"
+# The demo ViT (``demo-vit``): vit-tiny pre-trained with SimCLR on Fashion-MNIST by
+DEMO_VIT_COMMAND = (
+    "OMP_NUM_THREADS=2 genaf pretrain --arch vit-tiny --dataset fashion-mnist --method simclr --epochs 12 "
+    "--batch-size 256 --n-images 15000 --lr 1e-3 --seed 0 --out src/genaf/assets/demo_vit_encoder.safetensors"
+)
+ASSET_VIT = ASSET.with_name("demo_vit_encoder.safetensors")
 
 
 def cache_dir() -> Path:
@@ -66,6 +72,18 @@ def demo_encoder() -> Encoder:
             pretrain_demo_encoder(cached)
         enc = load_encoder_file(cached)
     enc.meta["source"] = "demo"
+    return enc
+
+
+def demo_vit_encoder() -> Encoder:
+    """The shipped demo ViT (``demo-vit``); a missing asset is an error naming the command that
+    makes it (no silent fallback to another encoder)."""
+    from .files import load_encoder_file
+
+    if not ASSET_VIT.is_file():
+        raise SpecError(f"the demo ViT's file {ASSET_VIT} is missing; make it with: {DEMO_VIT_COMMAND}")
+    enc = load_encoder_file(ASSET_VIT)
+    enc.meta["source"] = "demo-vit"
     return enc
 
 
