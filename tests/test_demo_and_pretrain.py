@@ -108,3 +108,27 @@ def test_config_resolution_errors():
         "space": "features",
         "evolution": False,
     }
+
+
+def test_demo_run_folders_are_per_encoder(tmp_path):
+    """`genaf demo --encoder demo-vit` writes to its own folder by default, and a run folder made
+    on another encoder (or with another method, seed or option) is refused, never reported."""
+    from genaf.demo import check_run_folder, default_out, run_demo
+    from genaf.errors import SpecError
+
+    assert default_out("demo") == "demo-run" and default_out("demo-vit") == "demo-run-vit"
+    run = tmp_path / "sft"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"method": "sft", "seed": 0, "encoder": "demo", "method_config": {"epochs": 4}})
+    )
+    check_run_folder(run, "sft", {"epochs": 4}, 0, "demo")  # the same settings: reused
+    with pytest.raises(ConfigError, match="sft on demo, seed 0"):
+        check_run_folder(run, "sft", {"epochs": 4}, 0, "demo-vit")
+    with pytest.raises(ConfigError, match="other settings"):
+        check_run_folder(run, "sft", {"epochs": 5}, 0, "demo")
+    with pytest.raises(SpecError, match="demo or demo-vit"):
+        run_demo(tmp_path / "x", quick=True, device="cpu", encoder="random:demo", log=lambda *_: None)
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--encoder", "resnet"])
+    assert e.value.code == 2

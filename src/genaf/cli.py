@@ -134,7 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
         "shipped encoder; writes OUT/report.md and OUT/<method>/metrics.json "
         "(about 20 minutes of CPU time at one thread).",
     )
-    p.add_argument("--out", default="demo-run", help="output folder (default %(default)s)")
+    p.add_argument(
+        "--encoder",
+        default="demo",
+        choices=["demo", "demo-vit"],
+        help="the shipped encoder to defend: demo (SimCLR ResNet-18, width 16) or demo-vit (SimCLR vit-tiny) "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder (default demo-run, or demo-run-vit with --encoder demo-vit)"
+    )
     p.add_argument(
         "--quick", action="store_true", help="a much smaller setting, a few minutes (smoke test, not the protocol) "
         "(default: the full demo)"
@@ -704,10 +713,13 @@ def cmd_encoders(a) -> int:
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
-    run_demo(a.out, quick=a.quick, device=a.device or "auto", seed=a.seed or 0, log=_log(a) or _silent,
-             deterministic=a.deterministic)
+    from .demo import default_out
+
+    out = a.out or default_out(a.encoder)
+    run_demo(out, quick=a.quick, device=a.device or "auto", seed=a.seed or 0, log=_log(a) or _silent,
+             deterministic=a.deterministic, encoder=a.encoder)
     if a.quiet:
-        print(f"report: {Path(a.out) / 'report.md'}")
+        print(f"report: {Path(out) / 'report.md'}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """``genaf demo``: the offline end-to-end demo on the shipped encoder and Fashion-MNIST.
 
 Protocol (fixed, not tuned to the result):
-- encoder: the shipped demo encoder (SimCLR, narrow ResNet-18, Fashion-MNIST);
+- encoder: a shipped encoder pre-trained with SimCLR on Fashion-MNIST: ``demo`` (narrow ResNet-18,
+  the default) or ``demo-vit`` (genaf's vit-tiny, 7 × 7 patches of 4 px);
 - downstream: ``fashion-mnist-demo`` (8,000 Fashion-MNIST images shipped with the package,
   :mod:`genaf.data.demo_subset`), seeded train / validation splits, a fixed test split;
 - DAEs: universal L∞ perturbations at ε = 16/255 crafted on the **original** encoder from the
@@ -62,6 +63,16 @@ METHODS = ("sft", "at", "genaf")
 # SFT and AT again at Gen-AF's total budget (head warm-up + stage 1 + stage 2 epochs), so that a
 # gain that is only more training shows.
 CONTROLS = ("sft-budget", "at-budget")
+# The encoders the demo can defend, as the report names them.
+ENCODERS = {
+    "demo": "the shipped demo encoder (SimCLR, ResNet-18 width 16, Fashion-MNIST)",
+    "demo-vit": "the shipped demo ViT (SimCLR, vit-tiny: 4 blocks, width 96, 4 px patches, Fashion-MNIST)",
+}
+
+
+def default_out(encoder: str = "demo") -> str:
+    """The demo's default output folder for ``encoder`` (one per encoder, so runs never mix)."""
+    return "demo-run" if encoder == "demo" else f"demo-run-{encoder.removeprefix('demo-')}"
 
 
 def genaf_epochs(s: dict) -> int:
@@ -104,7 +115,12 @@ def run_demo(
     seed: int = 0,
     log=print,
     deterministic: bool = False,
+    encoder: str = "demo",
 ) -> dict:
+    if encoder not in ENCODERS:
+        from .errors import SpecError
+
+        raise SpecError(f"the demo runs on {' or '.join(ENCODERS)}, not {encoder!r}; use genaf finetune for others")
     t0 = time.time()
     out = Path(out)
     s = SETTINGS["quick" if quick else "full"]
@@ -112,7 +128,7 @@ def run_demo(
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_dataset(DATASET, n_train=s["n_train"], n_val=s["n_val"], n_test=s["n_test"], seed=seed)
     log(f"demo: data read from {data.info['source']}")
-    enc = load_encoder("demo")
+    enc = load_encoder(encoder)
     sur = data.surrogate(s["n_surrogate"])
     sur_name = f"the {DATASET} surrogate reserve ({len(sur)} training images in no downstream split)"
     log(
@@ -121,7 +137,7 @@ def run_demo(
     )
     quality = encoder_quality(enc, data, seed)
     log(
-        f"demo encoder on this split: k-NN {100 * quality['knn_acc']:.1f}% (random weights "
+        f"{encoder} encoder on this split: k-NN {100 * quality['knn_acc']:.1f}% (random weights "
         f"{100 * quality['knn_acc_random_init']:.1f}%), linear probe {100 * quality['linear_probe_acc']:.1f}% "
         f"(random weights {100 * quality['linear_probe_acc_random_init']:.1f}%)"
     )
@@ -129,24 +145,12 @@ def run_demo(
     results = {}
     for label, (method, mc) in method_plan(s).items():
         run = out / label
-        if (run / "config.yaml").is_file():
-            import yaml
-
-            old = yaml.safe_load((run / "config.yaml").read_text()) or {}
-            recorded = {"method": old.get("method"), "seed": old.get("seed")}
-            recorded.update({k: (old.get("method_config") or {}).get(k) for k in mc})
-            if recorded != {"method": method, "seed": seed, **mc}:
-                from .errors import ConfigError
-
-                raise ConfigError(
-                    f"{run} holds a run made with other settings ({old.get('method')}, seed {old.get('seed')}); "
-                    "choose another --out for this demo or delete that folder"
-                )
+        check_run_folder(run, method, mc, seed, encoder)
         log(f"--- {label} ({method}, {mc}) ---")
         if not (run / "metrics.json").is_file():
             resume = (run / "checkpoint.pt").is_file()
             finetune(
-                "demo",
+                encoder,
                 DATASET,
                 method,
                 run,
@@ -171,7 +175,7 @@ def run_demo(
     text = [
         "# genaf demo",
         "",
-        "Encoder: the shipped demo encoder (SimCLR, ResNet-18 width 16, Fashion-MNIST). "
+        f"Encoder: {ENCODERS[encoder]}. "
         f"Downstream: {DATASET} (read from {data.info['source']}), "
         f"{len(data.train)} train / {len(data.val)} validation / {len(data.test)} test images, seed {seed}.",
         f"DAEs: universal L∞ perturbations, ε = 16/255, crafted on the original encoder from {sur_name}; "
@@ -197,6 +201,7 @@ def run_demo(
         out / "summary.json",
         {
             "settings": s,
+            "encoder": encoder,
             "dae_eps": DAE_EPS,
             "seed": seed,
             "seconds": round(seconds, 1),
@@ -207,6 +212,25 @@ def run_demo(
     log(table)
     log(f"report: {out / 'report.md'} ({seconds:.0f} s)")
     return results
+
+
+def check_run_folder(run: Path, method: str, mc: dict, seed: int, encoder: str) -> None:
+    """Refuse a demo run folder that holds a run made with other settings (another encoder,
+    method, seed or option), so a demo never reports a result it did not make."""
+    if not (run / "config.yaml").is_file():
+        return
+    import yaml
+
+    old = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    recorded = {"method": old.get("method"), "seed": old.get("seed"), "encoder": old.get("encoder")}
+    recorded.update({k: (old.get("method_config") or {}).get(k) for k in mc})
+    if recorded != {"method": method, "seed": seed, "encoder": encoder, **mc}:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"{run} holds a run made with other settings ({old.get('method')} on {old.get('encoder')}, "
+            f"seed {old.get('seed')}); choose another --out for this demo or delete that folder"
+        )
 
 
 def craft_demo_perturbations(enc, data, s: dict, folder: Path, dev, seed: int, quick: bool, log=print) -> dict:
