@@ -119,3 +119,13 @@ def test_attack_then_evaluate_adds_every_entry(tmp_path, capsys, one_thread):
     with pytest.raises(SystemExit) as bad:
         main(ev[:-3] + ["--autoattack", "strong"])
     assert bad.value.code == 2 and "invalid choice: 'strong'" in capsys.readouterr().err
+
+
+def test_finetune_states_the_defaults_it_was_not_given(tmp_path, capsys):
+    """A forgotten --dataset is said, not a silent Fashion-MNIST run (the run here stops at an
+    unknown method option before any data is read; the line comes first)."""
+    argv = ["finetune", "--encoder", "random:demo", "--set", "nosuch=1", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not given, so the defaults: --dataset fashion-mnist --method genaf" in err
+    assert "--encoder" not in err.split("defaults:")[1].splitlines()[0]

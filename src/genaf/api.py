@@ -24,7 +24,7 @@ from .config import resolve
 from .data import DataModule, ImageSet, load_dataset
 from .data.module import small_split_warning
 from .encoders import Encoder, load_encoder
-from .encoders.base import check_image_size
+from .encoders.base import check_image_size, warn_native_size
 from .errors import CheckpointError, ConfigError, DataError, first_line
 from .evaluation import evaluate_model
 from .methods.base import create_method
@@ -144,6 +144,7 @@ def finetune(
     # before the run folder is written: timm/hf patch sizes from the metadata, genaf's ViT by its module
     check_image_size(enc.meta, dm.image_size)
     enc.check_input_size(*dm.train.images.shape[-2:])
+    warn_native_size(enc.meta, tuple(dm.train.images.shape[-2:]))
     cfg["data_info"] = dm.info
     cfg["encoder_files"] = list(getattr(enc, "source_files", []))
     if saved is not None:
@@ -414,6 +415,7 @@ def craft(
         raise DataError("craft got no surrogate images")
     enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
     check_image_size(getattr(enc, "meta", {}), tuple(surrogate.images.shape[-2:]))
+    warn_native_size(getattr(enc, "meta", {}), tuple(surrogate.images.shape[-2:]))
     dev = resolve_device(device)
     enc = enc.to(dev)
     att = create_attack(attack, enc, preset=preset, eps=eps, seed=seed, **cfg)

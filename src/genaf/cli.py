@@ -498,6 +498,11 @@ def cmd_finetune(a) -> int:
     from .config import resolve
 
     cfg = resolve(file_cfg, encoder=a.encoder, dataset=a.dataset, method=a.method, seed=a.seed, head=a.head)
+    defaulted = [
+        f"--{k} {cfg[k]}" for k in ("encoder", "dataset", "method") if getattr(a, k) is None and k not in (file_cfg or {})
+    ]
+    if defaulted:  # stated, never silent: a forgotten --dataset is not a quiet Fashion-MNIST run
+        print(f"genaf finetune: not given, so the defaults: {' '.join(defaulted)}", file=sys.stderr)
     m = api.finetune(
         cfg["encoder"],
         cfg["dataset"],

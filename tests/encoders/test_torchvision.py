@@ -97,3 +97,25 @@ def test_corrupt_safetensors(tmp_path):
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_encoder(f"torchvision:resnet18:{path}")
+
+
+def test_provenance_not_guessed_and_native_size_warning(tmp_path, imagenet_tv_model):
+    """A torchvision-format file does not say how it was trained: inspect says 'unknown' (random
+    weights are not 'supervised, imagenet'); running the 224 px ImageNet stem on 28 px images
+    warns with the native size and the flag that resizes, while 224 px and the demo's 28 px
+    encoder at 28 px do not."""
+    import warnings
+
+    from genaf.encoders.base import SizeWarning, warn_native_size
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(imagenet_tv_model.state_dict(), path)
+    enc = load_encoder(f"torchvision:resnet18:{path}")
+    info = enc.describe()
+    assert info["method"] == "unknown" and info["pretrain_dataset"] == "unknown"
+    with pytest.warns(SizeWarning, match=r"pre-trained at 224 px but runs on 28x28 px.*--image-size 224"):
+        warn_native_size(enc.meta, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_native_size(enc.meta, 224) is None and warn_native_size(enc.meta, (96, 96)) is None
+        assert warn_native_size(load_encoder("demo").meta, (28, 28)) is None

@@ -171,7 +171,9 @@ class Encoder(nn.Module):
                 "padding": list(conv1.padding),
                 "maxpool": type(getattr(self.backbone, "maxpool", nn.Identity())).__name__,
             }
-        for k in ("method", "pretrain_dataset", "width", "notes"):
+        for k in ("method", "pretrain_dataset"):  # never guessed: what the file does not state is unknown
+            info[k] = meta.get(k) or "unknown"
+        for k in ("width", "notes"):
             if k in meta:
                 info[k] = meta[k]
         info["source_files"] = list(getattr(self, "source_files", []))
@@ -199,6 +201,32 @@ def check_image_size(meta: dict, size: int | tuple[int, int], where: str = "--im
                 f"image size {s} is not a multiple of the patch size {patch} of encoder {meta.get('arch')}; "
                 f"use {valid} ({where})"
             )
+
+
+class SizeWarning(UserWarning):
+    """An encoder run far below the image size it was pre-trained at (its features may be poor there)."""
+
+
+def warn_native_size(meta: dict, size: int | tuple[int, int], where: str = "--image-size") -> str | None:
+    """Warn (and return the message) when images are a third or less of the side the encoder was
+    pre-trained at, e.g. a torchvision ImageNet ResNet (224 px) run on 28 px Fashion-MNIST: such
+    a run is valid but its features, and so every number of the run, may say little about the
+    encoder. Encoders that state no pre-training size, or were pre-trained near this size, pass."""
+    native = meta.get("input_size")
+    if not native:
+        return None
+    sides = (size, size) if isinstance(size, int) else tuple(size)
+    if 3 * max(int(v) for v in sides) > int(native):  # DINOv2 (518 px) at 224 px is common use: no warning
+        return None
+    import warnings
+
+    shown = "x".join(str(int(v)) for v in sides)
+    msg = (
+        f"encoder {meta.get('source') or meta.get('arch')} was pre-trained at {native} px but runs on {shown} px "
+        f"images; its features may be poor at this size: resize with {where} {native} (or a size near it)"
+    )
+    warnings.warn(msg, SizeWarning, stacklevel=2)
+    return msg
 
 
 def add_size_guard(backbone: nn.Module, meta: dict) -> None:

@@ -55,8 +55,10 @@ def load_torchvision_encoder(arch: str, path: str | os.PathLike) -> Encoder:
         "input_size": 224,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
-        "method": "supervised",
-        "pretrain_dataset": "imagenet",
+        # a torchvision-format file does not say how its weights were trained (torchvision's own
+        # are supervised on ImageNet, but any ResNet state dict has this format): not guessed
+        "method": "unknown",
+        "pretrain_dataset": "unknown",
         "source": f"torchvision:{arch}:{path}",
     }
     check_backbone(meta, what, path.stat().st_size)
