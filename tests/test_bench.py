@@ -353,3 +353,158 @@ def test_changed_preset_in_code_recrafts(tmp_path, monkeypatch):
     cls = _ATTACKS["l4a-base"]
     monkeypatch.setattr(cls, "presets", {**cls.presets, "cpu": {**cls.presets["cpu"], "step": 0.5}})
     assert b.pert_fp("random:demo", a, a.eps[0], 0) != before
+
+
+# ---------------------------------------------------------------------------- the encoder lock
+LOCKED = {
+    **TINY,
+    "name": "locked encoder",
+    "datasets": [{"name": "fashion-mnist", "n_train": 32, "n_val": 16, "n_test": 32}],
+    "surrogate": {"n": 16},
+    "method_defaults": {"epochs": 1},
+    "methods": {"sft": {}},
+    "attacks": {"uniform-noise": {}},
+    "seeds": [0],
+    "whitebox": False,
+    "fresh_head": False,
+    "selfattack": False,
+}
+
+
+def _encoder_file(path: Path, seed: int) -> str:
+    """A genaf encoder file (the demo architecture, random weights of ``seed``); its sha256."""
+    import hashlib
+
+    from genaf.encoders import save_encoder
+    from genaf.encoders.demo import random_encoder
+
+    save_encoder(random_encoder("demo", seed=seed), path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_encoder_lock_refuses_a_changed_file_until_update_lock(tmp_path, capsys):
+    """The first bench locks the sha256 of the encoder's file; the file changed, the next bench
+    (API and CLI) is refused naming both hashes; --update-lock accepts it, rewrites the lock and
+    computes the encoder's cells again instead of reusing the old file's run."""
+    from genaf.cli import main
+    from genaf.errors import CheckpointError
+
+    if not FASHION.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    enc = tmp_path / "enc.safetensors"
+    old = _encoder_file(enc, seed=0)
+    cfg = tmp_path / "locked.yaml"
+    cfg.write_text(yaml.safe_dump({**LOCKED, "encoders": {"mine": f"file:{enc}"}}, sort_keys=False))
+    out = tmp_path / "out"
+    first = run_bench(cfg, out, log=lambda *_: None)
+    lock = json.loads((out / "encoders.lock.json").read_text())
+    files = lock["encoders"]["mine"]["files"]
+    assert files == [{"name": enc.name, "path": str(enc), "sha256": old, "size": enc.stat().st_size}]
+    assert first["computed"] == 1
+
+    new = _encoder_file(enc, seed=1)
+    assert new != old
+    with pytest.raises(CheckpointError) as err:
+        run_bench(cfg, out, log=lambda *_: None)
+    msg = str(err.value)
+    assert "\n" not in msg and "encoder mine" in msg and str(enc) in msg and "--update-lock" in msg
+    assert f"locked sha256 {old}, now {new}" in msg
+    assert json.loads((out / "encoders.lock.json").read_text()) == lock  # a refusal writes nothing
+
+    capsys.readouterr()
+    assert main(["bench", str(cfg), "--out", str(out), "-q"]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and err_lines[0].startswith("genaf bench: error: encoder mine: file ")
+    assert old in err_lines[0] and new in err_lines[0] and "--update-lock" in err_lines[0]
+
+    assert main(["bench", str(cfg), "--out", str(out), "--update-lock"]) == 0
+    log = capsys.readouterr().out
+    assert f"sha256 {old} -> {new}" in log
+    assert "1 result row(s), 1 fine-tune run(s), 1 perturbation(s) and 0 per-sample DAE file(s) of mine" in log
+    lock2 = json.loads((out / "encoders.lock.json").read_text())
+    assert lock2["encoders"]["mine"]["files"][0]["sha256"] == new
+    assert lock2["replaced"] == [{"encoder": "mine", "path": str(enc), "sha256": old, "replaced_by": new}]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["run"] != first["rows"][0]["run"]  # a new run, from the new file
+    assert (out / first["rows"][0]["run"]).is_dir() and (out / rows[0]["run"]).is_dir()
+    config = yaml.safe_load((out / rows[0]["run"] / "config.yaml").read_text())
+    assert [f["sha256"] for f in config["encoder_files"]] == [new]
+    # accepted: the lock now passes, and every row is done under the keys of the new file
+    from genaf.bench import Bench, _row_key, check_encoder_lock
+
+    locked, replaced = check_encoder_lock(load_config(cfg), out, log=lambda *_: None)
+    assert not replaced and Bench(load_config(cfg), out, locked=locked).all_cells() == {
+        _row_key(r): r["fingerprint"] for r in rows
+    }
+
+
+def test_encoder_lock_entries_and_the_hash_cache(tmp_path, monkeypatch):
+    """What the lock records for specs without a file of their own, a missing file, and the
+    per-process hash cache (by path, size and modification time)."""
+    import hashlib
+
+    from genaf.bench import encoder_lock_entry
+    from genaf.encoders import file_sha256
+    from genaf.encoders.demo import ASSET
+    from genaf.errors import CheckpointError
+
+    demo = encoder_lock_entry("demo", "demo")
+    assert [f["path"] for f in demo["files"]] == [str(ASSET)]
+    assert demo["files"][0]["sha256"] == hashlib.sha256(ASSET.read_bytes()).hexdigest()
+    rnd = encoder_lock_entry("r", "random:demo")
+    assert rnd["files"] == [] and "no file" in rnd["note"]
+    with pytest.raises(CheckpointError, match=r"encoder gone \(file:\$NOPE/x.pt\): file .*x.pt does not exist"):
+        encoder_lock_entry("gone", "file:$NOPE/x.pt")
+    # solo-learn's args.json is read only when present: recorded as absent (sha256 null)
+    monkeypatch.setenv("ENC_DIR", str(tmp_path))
+    sha = _encoder_file(tmp_path / "last.ckpt", seed=0)
+    solo = encoder_lock_entry("s", "solo:$ENC_DIR/last.ckpt")
+    assert [(f["name"], f["sha256"]) for f in solo["files"]] == [("last.ckpt", sha), ("args.json", None)]
+
+    f = tmp_path / "blob.bin"
+    f.write_bytes(b"a" * 100)
+    st = f.stat()
+    first = file_sha256(f)
+    f.write_bytes(b"b" * 100)  # same size; the modification time put back: the cached hash
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_sha256(f) == first
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched: hashed again
+    assert file_sha256(f) == hashlib.sha256(b"b" * 100).hexdigest() != first
+
+
+def test_encoder_lock_created_once_by_shards_starting_together(tmp_path):
+    """Several shards check the lock at the same moment: one writes it (under the file lock), the
+    others read it; all agree, and a later changed file is still refused."""
+    import threading
+
+    from genaf.bench import check_encoder_lock
+    from genaf.errors import CheckpointError
+
+    enc = tmp_path / "enc.safetensors"
+    sha = _encoder_file(enc, seed=0)
+    cfg = load_config({**LOCKED, "encoders": {"mine": f"file:{enc}", "rnd": "random:demo"}})
+    out = tmp_path / "out"
+    logs: list[str] = []
+    results, errors = [], []
+    start = threading.Barrier(4)
+
+    def shard():
+        start.wait()
+        try:
+            results.append(check_encoder_lock(cfg, out, log=logs.append))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted on below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=shard) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 4
+    assert all(r == results[0] for r in results) and all(not replaced for _, replaced in results)
+    assert sum("written to" in m for m in logs) == 1  # created once; the others found it
+    lock = json.loads((out / "encoders.lock.json").read_text())
+    assert lock["encoders"]["mine"]["files"][0]["sha256"] == sha and lock["encoders"]["rnd"]["files"] == []
+    _encoder_file(enc, seed=1)
+    with pytest.raises(CheckpointError, match=f"locked sha256 {sha}"):
+        check_encoder_lock(cfg, out, log=logs.append)

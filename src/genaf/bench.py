@@ -56,13 +56,28 @@ device change floating-point results: compare runs made on the same kind of mach
 Caching and resuming. A universal perturbation is crafted once per (encoder, attack,
 surrogate, ε, seed) into ``OUT/perturbations/`` and a model is fine-tuned once per (encoder,
 dataset, method, seed) into ``OUT/runs/``; both directory names carry a short hash of every
-option that shapes them, so an edited configuration never reuses a stale file. Every file
+option that shapes them, the sha256 of the encoder's files included, so an edited
+configuration or a replaced encoder file never reuses a stale file. Every file
 is written atomically (temporary file + rename), and a cell is done only once its row is in
 ``results.json``. Killed at any moment (``kill -9`` included), the next ``genaf bench`` with
 the same configuration and output skips the done cells, reloads finished perturbations and
 models, resumes an interrupted fine-tune from its last epoch checkpoint
 (``genaf.finetune(..., resume=True)``) and gives the same rows as an uninterrupted run.
 A lock file stops two runs from writing into one output folder at once.
+
+The encoder lock. ``OUT/encoders.lock.json`` records, for each encoder label, its spec and
+every local file it reads (the weights, solo-learn's ``args.json`` when present, an HF folder's
+JSON files, the shipped asset of ``demo`` and ``demo-vit``) with sha256 and size; ``random:``
+reads no file, and weights from a hub cache are not locked (its ``note`` says so). The first
+run into OUT writes it; every later run (and each shard) hashes the files again (streamed, once
+per process per path, size and modification time) and compares: a changed, missing or new file
+is refused with a :class:`~genaf.errors.CheckpointError` naming the label, the file and both
+hashes. ``--update-lock`` (``run_bench(..., update_lock=True)``) accepts the new bytes, rewrites
+the lock (the replaced hashes are kept under ``replaced``) and logs what they invalidate: since
+the cache keys hold the files' sha256, that encoder's rows, fine-tune runs, perturbations and
+per-sample DAE images are made again (the old ones stay on disk until deleted). A new label, or
+a label given another spec, just gets its entry. The lock is read and written under an
+exclusive file lock, so shards starting at once create it once.
 
 Sharding (a SLURM job array, or any scheduler that starts N copies on a shared filesystem).
 ``run_bench(..., shard=(I, N))`` (``genaf bench CONFIG --out DIR --shard I/N``, I in 0..N-1)
@@ -96,7 +111,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, GenafError, did_you_mean
+from .errors import CheckpointError, ConfigError, GenafError, did_you_mean
 from .utils import Progress, atomic_write, parse_fraction, write_json
 
 TOP_KEYS = (
@@ -878,12 +893,158 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return shard
 
 
+# ---------------------------------------------------------------------------- the encoder lock
+LOCK_FILE = "encoders.lock.json"
+LOCK_FORMAT = "genaf-bench-encoder-lock"
+
+
+def encoder_lock_entry(label: str, spec: str) -> dict:
+    """The lock entry of encoder ``label``: ``{"spec", "files": [{"name", "path", "sha256",
+    "size"}]}`` for every local file ``spec`` reads (``$VARS`` expanded), hashed now. Hashing
+    streams the file and happens once per process per (path, size, modification time). A file
+    read only when present is listed with ``sha256: null`` while absent; a missing required file
+    is a :class:`~genaf.errors.CheckpointError`. A spec that reads no local file gets a ``note``."""
+    from .encoders import _reads_hub, file_sha256, spec_files
+
+    expanded = _expand(spec)
+    files = []
+    for path, required in spec_files(expanded):
+        if path.is_file():
+            size = path.stat().st_size
+            files.append({"name": path.name, "path": str(path), "sha256": file_sha256(path), "size": size})
+        elif required:
+            raise CheckpointError(
+                f"encoder {label} ({spec}): file {path} does not exist; fix the path in the bench config"
+            )
+        else:
+            files.append({"name": path.name, "path": str(path), "sha256": None, "size": None})
+    entry: dict = {"spec": spec, "files": files}
+    if _reads_hub(expanded):
+        entry["note"] = "weights from the library's hub cache are not locked; write a local PATH in the spec"
+    elif not files:
+        entry["note"] = "random weights: no file is read"
+    elif any(f["sha256"] is None for f in files):
+        entry["note"] = "a file with sha256 null is absent; it is read only when present"
+    return entry
+
+
+def _read_lock(path: Path) -> dict:
+    fix = "restore it, or delete it to lock the files as they are now"
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not a readable encoder lock ({exc}); {fix}") from exc
+    if not isinstance(obj, dict) or obj.get("format") != LOCK_FORMAT or not isinstance(obj.get("encoders"), dict):
+        raise ConfigError(f"{path} is not a genaf encoder lock (format {LOCK_FORMAT}); {fix}")
+    return obj
+
+
+def _lock_differences(old: dict, new: dict) -> list[tuple[str, str | None, str | None]]:
+    """``[(path, locked sha256, sha256 now)]`` of the files whose bytes differ (matched by file
+    name, so that a folder mounted elsewhere with the same bytes is the same encoder)."""
+    before = {f.get("name"): f for f in old.get("files") or []}
+    now = {f["name"]: f for f in new["files"]}
+    out = []
+    for name in [*before, *(n for n in now if n not in before)]:
+        a, b = (before.get(name) or {}).get("sha256"), (now.get(name) or {}).get("sha256")
+        if a != b:
+            out.append(((now.get(name) or before.get(name) or {}).get("path"), a, b))
+    return out
+
+
+def check_encoder_lock(cfg: BenchConfig, out: Path, update: bool = False, log=print) -> tuple[dict, dict]:
+    """Hash the files of every encoder of ``cfg`` and compare them with ``OUT/encoders.lock.json``
+    (written on the first run). A difference is a :class:`~genaf.errors.CheckpointError` unless
+    ``update``, which rewrites the lock. Returns ``(entries now, entries replaced)`` by label.
+    The lock is read, compared and written under an exclusive file lock, so that shards starting
+    at once create it once and see one another's file."""
+    entries = {lab: encoder_lock_entry(lab, spec) for lab, spec in cfg.encoders}  # hashed outside the lock
+    path = out / LOCK_FILE
+    with _file_lock(path):
+        old = _read_lock(path) if path.is_file() else None
+        locked = dict(old["encoders"]) if old else {}
+        replaced, history = {}, list(old.get("replaced") or []) if old else []
+        for lab, entry in entries.items():
+            prev = locked.get(lab)
+            if prev is None:
+                locked[lab] = entry
+                continue
+            if prev.get("spec") != entry["spec"]:  # an edited configuration: another encoder under this label
+                log(f"bench: encoder {lab} is now {entry['spec']} (was {prev.get('spec')}): its lock entry is replaced")
+                locked[lab] = entry
+                continue
+            diffs = _lock_differences(prev, entry)
+            if not diffs:  # the same bytes (perhaps under another mount point): the lock stays as it is
+                continue
+            file, a, b = diffs[0]
+            more = f" (and {len(diffs) - 1} more file(s))" if len(diffs) > 1 else ""
+            if not update:
+                raise CheckpointError(
+                    f"encoder {lab}: file {file} differs from {path}{more}: locked sha256 {a or 'absent'}, "
+                    f"now {b or 'absent'}; restore the file, or accept the new one with --update-lock "
+                    "(its runs and perturbations are then made again)"
+                )
+            for file, a, b in diffs:
+                history.append({"encoder": lab, "path": file, "sha256": a, "replaced_by": b})
+            replaced[lab] = prev
+            locked[lab] = entry
+        if old is None or locked != old["encoders"] or replaced:
+            obj = {"format": LOCK_FORMAT, "version": 1, "encoders": locked}
+            if history:
+                obj["replaced"] = history
+            write_json(path, obj)
+            n = sum(len(e["files"]) for e in locked.values())
+            log(f"bench: the sha256 of {n} encoder file(s) {'written to' if old is None else 'updated in'} {path}")
+    return {lab: locked[lab] for lab, _ in cfg.encoders}, replaced
+
+
+def _log_invalidated(cfg: BenchConfig, out: Path, locked: dict, replaced: dict, log) -> None:
+    """After ``--update-lock``: what the new files invalidate (the cached results whose keys hold
+    the old files' hashes)."""
+    old = Bench(cfg, out, log=lambda *_: None, locked={**locked, **replaced})
+    rows = []
+    if (out / "results.json").is_file():
+        rows += read_results(out)["rows"]
+    for f in old.shard_files():
+        rows += read_results_file(f)["rows"]
+    for lab, prev in replaced.items():
+        changed = ", ".join(
+            f"{file} sha256 {a or 'absent'} -> {b or 'absent'}" for file, a, b in _lock_differences(prev, locked[lab])
+        )
+        units = [(s, d, m) for s, e, d, m in old.units() if e == lab]
+        runs = [old.run_dir(lab, d, m, s) for s, d, m in units]
+        perts = [old.pert_path(lab, a, e, s) for a in cfg.attacks if not a.per_sample for e in a.eps for s in cfg.seeds]
+        per = [
+            old.per_sample_stem(lab, d, a, e, s)
+            for d in cfg.datasets
+            for a in cfg.attacks
+            if a.per_sample
+            for e in a.eps
+            for s in cfg.seeds
+        ]
+        n_runs = sum(r.is_dir() for r in runs)
+        selfdirs = [old.self_pert_dir(lab, d, m, s) for s, d, m in units]
+        n_perts = sum(p.is_file() for p in perts) + sum(len(list(f.rglob("*.safetensors"))) for f in selfdirs)
+        n_per = sum(p.with_name(f"{p.name}-{split}.safetensors").is_file() for p in per for split in ("test", "val"))
+        n_rows = sum(1 for r in rows if r.get("encoder") == lab)
+        log(
+            f"bench: --update-lock: encoder {lab}: {changed}. The cache keys of its results hold the files' sha256, "
+            f"so what the old file made is not reused: {n_rows} result row(s), {n_runs} fine-tune run(s), "
+            f"{n_perts} perturbation(s) and {n_per} per-sample DAE file(s) of {lab} are made again "
+            "(the old files stay in the output folder until you delete them)"
+        )
+
+
 # ---------------------------------------------------------------------------- the runner
 class Bench:
-    def __init__(self, cfg: BenchConfig, out: Path, log=print, shard: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, cfg: BenchConfig, out: Path, log=print, shard: tuple[int, int] | None = None, locked: dict | None = None
+    ) -> None:
         from .utils import resolve_device
 
         self.cfg, self.out, self.log, self.shard = cfg, out, log, shard
+        self.locked = locked  # label -> encoder lock entry (check_encoder_lock); None: read OUT's lock
+        self._enc_sha: dict[str, list] = {}
         self.dev = resolve_device(cfg.device)
         self.rows: dict[str, dict] = {}
         self._data: dict = {}
@@ -1032,27 +1193,45 @@ class Bench:
         return self._encoders[label]
 
     # -- fingerprints ---------------------------------------------------------
+    def enc_sha(self, enc: str) -> list:
+        """The sha256 of every file encoder ``enc`` reads (its lock entry; ``[]`` for random
+        weights): part of every cache key made from the encoder, so that a file accepted with
+        ``--update-lock`` never reuses what the old file made."""
+        if enc not in self._enc_sha:
+            spec = dict(self.cfg.encoders)[enc]
+            entry = (self.locked or {}).get(enc)
+            path = self.out / LOCK_FILE
+            if entry is None and path.is_file():  # a merge or a report: the lock the runs checked
+                entry = _read_lock(path)["encoders"].get(enc)
+            if entry is None or entry.get("spec") != spec:
+                entry = encoder_lock_entry(enc, spec)
+            self._enc_sha[enc] = [f.get("sha256") for f in entry.get("files") or []]
+        return self._enc_sha[enc]
+
     def run_fp(self, enc: str, ds: DatasetSpec, m: MethodSpec, seed: int) -> str:
         c = self.cfg
-        return _hash(
-            {
-                "encoder": dict(c.encoders)[enc],
-                "dataset": ds.fingerprint(),
-                "method": m.method,
-                "options": m.resolved,
-                "head": c.head,
-                "train": c.train,
-                "eval": c.eval,
-                "whitebox": c.whitebox,
-                "seed": seed,
-            }
-        )
+        key = {
+            "encoder": dict(c.encoders)[enc],
+            "dataset": ds.fingerprint(),
+            "method": m.method,
+            "options": m.resolved,
+            "head": c.head,
+            "train": c.train,
+            "eval": c.eval,
+            "whitebox": c.whitebox,
+            "seed": seed,
+        }
+        if self.enc_sha(enc):
+            key["encoder_files"] = self.enc_sha(enc)
+        return _hash(key)
 
-    def pert_fp(self, enc_spec: str, a: AttackSpec, eps: float, seed: int) -> str:
+    def pert_fp(self, enc_spec: str, a: AttackSpec, eps: float, seed: int, enc_files: list | None = None) -> str:
+        """``enc_files``: the sha256 of the encoder's files (:meth:`enc_sha`)."""
         s = {k: v for k, v in self.cfg.surrogate.items() if k not in ("root", "download", "label")}
         reserve = [d.fingerprint() for d in self.cfg.datasets if d.name == s["dataset"]]
         return _hash(
             {
+                **({"encoder_files": enc_files} if enc_files else {}),
                 "encoder": enc_spec,
                 "attack": a.attack,
                 "preset": a.preset,
@@ -1075,9 +1254,31 @@ class Bench:
 
     def pert_path(self, enc: str, a: AttackSpec, eps: float, seed: int) -> Path:
         spec = dict(self.cfg.encoders)[enc]
-        fp = self.pert_fp(spec, a, eps, seed)
+        fp = self.pert_fp(spec, a, eps, seed, self.enc_sha(enc))
         sur = self.cfg.surrogate["label"]
         return self.out / "perturbations" / enc / sur / a.label / f"eps{_eps_tag(eps)}-seed{seed}-{fp}.safetensors"
+
+    def self_pert_dir(self, enc: str, ds: DatasetSpec, m: MethodSpec, seed: int) -> Path:
+        """The folder of the self-attack perturbations crafted on one fine-tuned model."""
+        run_fp = self.run_fp(enc, ds, m, seed)
+        return self.out / "perturbations" / "self" / enc / ds.label / m.label / f"seed{seed}-{run_fp}"
+
+    def per_sample_stem(self, enc: str, ds: DatasetSpec, a: AttackSpec, eps: float, seed: int) -> Path:
+        """``OUT/per-sample/ENC/DATASET/ATTACK/epsE-seedS-FP``: the cached per-sample DAE images are
+        ``STEM-test.safetensors`` and ``STEM-val.safetensors``."""
+        fp = _hash(
+            {
+                **({"encoder_files": self.enc_sha(enc)} if self.enc_sha(enc) else {}),
+                "encoder": dict(self.cfg.encoders)[enc],
+                "dataset": ds.fingerprint(),
+                "attack": a.attack,
+                "preset": a.preset,
+                "options": a.options,
+                "eps": eps,
+                "seed": seed,
+            }
+        )
+        return self.out / "per-sample" / enc / ds.label / a.label / f"eps{_eps_tag(eps)}-seed{seed}-{fp}"
 
     def wb_names(self) -> list[tuple[str, float]]:
         from .config import DEFAULTS
@@ -1092,6 +1293,7 @@ class Bench:
     def unit_cells(self, enc: str, ds: DatasetSpec, m: MethodSpec, seed: int) -> dict[str, dict]:
         run_fp = self.run_fp(enc, ds, m, seed)
         spec = dict(self.cfg.encoders)[enc]
+        sha = self.enc_sha(enc)
         base = {"encoder": enc, "dataset": ds.label, "method": m.label, "seed": seed}
         cells = {}
 
@@ -1101,14 +1303,14 @@ class Bench:
 
         for a in self.cfg.attacks:
             for e in a.eps:
-                pfp = self.pert_fp(spec, a, e, seed)
+                pfp = self.pert_fp(spec, a, e, seed, sha)
                 add("dae", a.label, e, _hash([run_fp, pfp]), {"spec": a})
         for name, e in self.wb_names():
             add("whitebox", name, e, _hash([run_fp, name]))
         if self.cfg.fresh_head is not None:
             for a in self.cfg.attacks:
                 for e in a.eps:
-                    pfp = self.pert_fp(spec, a, e, seed)
+                    pfp = self.pert_fp(spec, a, e, seed, sha)
                     add("fresh-head", a.label, e, _hash([run_fp, pfp, self.cfg.fresh_head]), {"spec": a})
         for a in self.cfg.attacks:
             if a.label in self.cfg.selfattack:
@@ -1272,25 +1474,13 @@ class Bench:
         from .api import craft_per_sample
         from .encoders.safe_load import check_safetensors
 
-        spec = dict(self.cfg.encoders)[enc]
-        fp = _hash(
-            {
-                "encoder": spec,
-                "dataset": ds.fingerprint(),
-                "attack": a.attack,
-                "preset": a.preset,
-                "options": a.options,
-                "eps": eps,
-                "seed": seed,
-            }
-        )
-        folder = self.out / "per-sample" / enc / ds.label / a.label
+        stem = self.per_sample_stem(enc, ds, a, eps, seed)
         out = {}
         fn = desc = None
-        lock = _file_lock(folder / f"eps{_eps_tag(eps)}-seed{seed}-{fp}") if self.shard else contextlib.nullcontext()
+        lock = _file_lock(stem) if self.shard else contextlib.nullcontext()
         with lock:
             for split, images in (("test", dm.test), ("val", dm.val)):
-                path = folder / f"eps{_eps_tag(eps)}-seed{seed}-{fp}-{split}.safetensors"
+                path = stem.with_name(f"{stem.name}-{split}.safetensors")
                 if path.is_file():
                     check_safetensors(path, "cached per-sample DAE images")
                     with safe_open(str(path), framework="pt") as fh:
@@ -1415,22 +1605,13 @@ class Bench:
         selfc = [c for c in pending if c["setting"] == "self-attack"]
         if selfc:
             run_fp = self.run_fp(enc, ds, m, seed)
+            folder = self.self_pert_dir(enc, ds, m, seed)
             defended = None
             sperts = {}
             for c in selfc:
                 a = c["spec"]
                 fp = self.pert_fp(f"self:{run_fp}", a, c["eps"], seed)
-                path = (
-                    self.out
-                    / "perturbations"
-                    / "self"
-                    / enc
-                    / ds.label
-                    / m.label
-                    / f"seed{seed}-{run_fp}"
-                    / a.label
-                    / f"eps{_eps_tag(c['eps'])}-{fp}.safetensors"
-                )
+                path = folder / a.label / f"eps{_eps_tag(c['eps'])}-{fp}.safetensors"
                 if defended is None and not path.is_file():
                     defended = load_model(run).encoder
                 c["pname"] = f"self-{a.label}@{_eps_tag(c['eps'])}"
@@ -1496,6 +1677,7 @@ def run_bench(
     log=print,
     device=None,
     shard: tuple[int, int] | str | None = None,
+    update_lock: bool = False,
 ) -> dict:
     """Run (or finish) the experiment matrix of a bench configuration into ``out_dir``.
 
@@ -1504,6 +1686,10 @@ def run_bench(
     With ``shard=(I, N)`` (or ``"I/N"``) it runs only its share of the units and writes its rows
     to ``OUT/shards/I-of-N.json``; the last shard to finish merges (``results`` and ``report``
     are None until then).
+
+    The sha256 of every encoder file is checked against ``OUT/encoders.lock.json`` (written on the
+    first run); a changed file is a :class:`~genaf.errors.CheckpointError` unless ``update_lock``,
+    which accepts it (module docstring).
     """
     cfg = load_config(config_path_or_dict)
     if device is not None:
@@ -1513,15 +1699,18 @@ def run_bench(
     out = Path(out_dir)
     t0 = time.time()
     if shard:
-        return _run_shard(config_path_or_dict, cfg, out, shard, log, t0)
+        return _run_shard(config_path_or_dict, cfg, out, shard, log, t0, update_lock)
     with _lock(out):
+        locked, replaced = check_encoder_lock(cfg, out, update_lock, log)
         if isinstance(config_path_or_dict, dict):
             text = yaml.safe_dump(config_path_or_dict, sort_keys=False)
         else:
             text = Path(config_path_or_dict).read_text()
         atomic_write(out / "bench.yaml", lambda tmp: Path(tmp).write_text(text))
         write_json(out / "bench-resolved.json", cfg.to_dict())
-        bench = Bench(cfg, out, log)
+        if replaced:
+            _log_invalidated(cfg, out, locked, replaced, log)
+        bench = Bench(cfg, out, log, locked=locked)
         wanted = bench.all_cells()
         bench.load_rows(wanted)
         todo = len(wanted) - len(bench.rows)
@@ -1555,10 +1744,15 @@ def _write_config(config_path_or_dict, cfg: BenchConfig, out: Path) -> None:
     write_json(out / "bench-resolved.json", cfg.to_dict())
 
 
-def _run_shard(config_path_or_dict, cfg: BenchConfig, out: Path, shard: tuple[int, int], log, t0: float) -> dict:
+def _run_shard(
+    config_path_or_dict, cfg: BenchConfig, out: Path, shard: tuple[int, int], log, t0: float, update_lock: bool
+) -> dict:
     with _lock(out, shard):
         _write_config(config_path_or_dict, cfg, out)
-        bench = Bench(cfg, out, log, shard=shard)
+        locked, replaced = check_encoder_lock(cfg, out, update_lock, log)
+        if replaced:
+            _log_invalidated(cfg, out, locked, replaced, log)
+        bench = Bench(cfg, out, log, shard=shard, locked=locked)
         mine = bench.shard_cells()
         wanted = {k: v for k, v in bench.all_cells().items() if k in mine}
         bench.load_rows(wanted)
@@ -1587,6 +1781,8 @@ __all__ = [
     "parse_shard",
     "load_config",
     "check_encoder_spec",
+    "check_encoder_lock",
+    "encoder_lock_entry",
     "read_results",
     "COLUMNS",
     "KEY_COLUMNS",

@@ -403,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
         "shards write OUT/shards/I-of-N.json and the last to finish (or genaf report OUT) merges them "
         "(default: the whole matrix)",
     )
+    p.add_argument(
+        "--update-lock",
+        action="store_true",
+        help="accept encoder files whose sha256 differs from OUT/encoders.lock.json and rewrite the lock; "
+        "the runs and perturbations made from the old files are then made again "
+        "(default: a changed file is refused)",
+    )
     _quiet_debug(p)
     _limit_arg(p)
 
@@ -731,7 +738,9 @@ def cmd_demo(a) -> int:
 def cmd_bench(a) -> int:
     from .bench import run_bench
 
-    res = run_bench(a.config, a.out, device=a.device, shard=a.shard, log=_log(a) or _silent)
+    res = run_bench(
+        a.config, a.out, device=a.device, shard=a.shard, update_lock=a.update_lock, log=_log(a) or _silent
+    )
     if res["results"] is None:
         print(f"{len(res['rows'])} result rows of this shard in {a.out}/shards; merge with: genaf report {a.out}")
     else:

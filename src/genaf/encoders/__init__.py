@@ -44,6 +44,7 @@ __all__ = [
     "load_encoder",
     "load_state_strict",
     "file_sha256",
+    "spec_files",
     "split_spec_options",
     "read_encoder_file",
     "save_encoder",
@@ -74,27 +75,18 @@ def load_encoder(spec: str) -> Encoder:
         raise SpecError("encoder spec must be a non-empty string such as 'demo', 'solo:PATH' or 'file:PATH'")
     base, opts = split_spec_options(spec)
     scheme, _, rest = base.partition(":")
-    files: list[Path] = []
     if scheme == "demo" and not rest:
         enc = demo_encoder()
-        from .demo import ASSET
-
-        files = [ASSET] if ASSET.is_file() else []
     elif scheme == "demo-vit" and not rest:
-        from .demo import ASSET_VIT
-
         enc = demo_vit_encoder()
-        files = [ASSET_VIT]
     elif scheme == "random":
         enc = random_encoder(rest or "demo")
     elif scheme == "file" and rest:
         enc = load_encoder_file(rest)
-        files = [Path(rest)]
     elif scheme == "solo" and rest:
         from .solo import load_solo_encoder
 
         enc = load_solo_encoder(rest)
-        files = [Path(rest), Path(rest).parent / "args.json"]
     elif scheme == "torchvision" and rest:
         arch, sep, path = rest.partition(":")
         if not sep or not path:
@@ -102,34 +94,73 @@ def load_encoder(spec: str) -> Encoder:
         from .tv import load_torchvision_encoder
 
         enc = load_torchvision_encoder(arch, path)
-        files = [Path(path)]
     elif scheme == "timm" and rest:
         name, path = _timm_name_path(rest)
         from .timm_enc import load_timm_encoder
 
         enc = load_timm_encoder(name, path, pool=opts.get("pool"))
-        files = [Path(path)] if path else _hub_files(enc)
     elif scheme == "hf" and rest:
         from .hf import load_hf_encoder
 
         enc = load_hf_encoder(rest, pool=opts.get("pool"))
-        folder = Path(rest).expanduser()
-        if folder.is_dir():
-            files = [folder / n for n in ("config.json", "preprocessor_config.json")] + sorted(
-                folder.glob("model*.safetensors")
-            )
-        else:
-            files = _hub_files(enc)
     elif scheme in SCHEMES:
         what = "MODEL_NAME[:PATH]" if scheme == "timm" else "DIR" if scheme == "hf" else "PATH"
         raise SpecError(f"encoder spec '{spec}' needs a {what.lower()}: write {scheme}:{what}")
     else:
         raise unknown("encoder spec scheme", scheme, SCHEMES)
+    files: list = [f for f, _ in spec_files(base)]
+    if not files and _reads_hub(base):
+        files = _hub_files(enc)
     enc.meta.setdefault("source", spec)
     enc.source_files = [
         {"path": str(f), "sha256": file_sha256(f)} for f in files if isinstance(f, Path) and f.is_file()
     ] + [f for f in files if isinstance(f, dict)]
     return enc.eval()
+
+
+def spec_files(spec: str) -> list[tuple[Path, bool]]:
+    """The local files a spec reads, found without loading anything: ``[(path, required)]``.
+
+    ``required`` is False for a file that is read only when present (solo-learn's ``args.json``,
+    the shipped demo asset, which is rebuilt into a cache when absent). Weights a library fetches
+    from its hub (``timm:NAME``, ``hf:ORG/NAME``) and random weights are no local file: ``[]``.
+    ``$VARS`` are not expanded here.
+    """
+    base, _ = split_spec_options(spec)
+    scheme, _, rest = base.partition(":")
+    if scheme == "demo" and not rest:
+        from .demo import ASSET
+
+        return [(ASSET, False)]
+    if scheme == "demo-vit" and not rest:
+        from .demo import ASSET_VIT
+
+        return [(ASSET_VIT, True)]
+    if scheme == "file" and rest:
+        return [(Path(rest), True)]
+    if scheme == "solo" and rest:
+        return [(Path(rest), True), (Path(rest).parent / "args.json", False)]
+    if scheme == "torchvision" and rest:
+        _, sep, path = rest.partition(":")
+        return [(Path(path), True)] if sep and path else []
+    if scheme == "timm" and rest:
+        path = _timm_name_path(rest)[1]
+        return [(Path(path), True)] if path else []
+    if scheme == "hf" and rest:
+        folder = Path(rest).expanduser()
+        if not folder.is_dir():
+            return []
+        weights = [(f, True) for f in sorted(folder.glob("model*.safetensors"))]
+        return [(folder / "config.json", True), (folder / "preprocessor_config.json", True), *weights]
+    return []
+
+
+def _reads_hub(spec: str) -> bool:
+    """``timm:NAME`` without a path, or ``hf:`` with a hub id: weights from the library's hub cache."""
+    scheme, _, rest = split_spec_options(spec)[0].partition(":")
+    if scheme == "timm" and rest:
+        return _timm_name_path(rest)[1] is None
+    return scheme == "hf" and bool(rest) and not Path(rest).expanduser().is_dir()
 
 
 def _timm_name_path(rest: str) -> tuple[str, str | None]:
