@@ -114,7 +114,11 @@ def test_runner_writes_every_cell_and_a_report(reference):
     assert "tiny bench" in report and "mean DAE RA" in report
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert any("tradeoff" in x for x in links) and any("sensitivity" in x for x in links)
-    assert any(x.endswith(".delta.png") for x in links)
+    assert any(x.endswith(".delta.png") for x in links) and any(x.endswith(".examples.png") for x in links)
+    # the sensitivity chart holds both seeds; the perturbations are drawn again on test images
+    # with the fine-tuned SFT model's predictions
+    assert "genaf (seeds 0, 1)" in report
+    assert re.search(r"l4a-base, ε 16/255, crafted on \S+ — test images of \S+, predictions of sft \(seed 0\)", report)
     for link in links:
         assert (out / link).is_file(), link
         assert (out / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

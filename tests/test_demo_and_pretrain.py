@@ -1,6 +1,7 @@
 """End-to-end: the demo (quick setting), pre-training, YAML configs, resume through the CLI."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -38,6 +39,11 @@ def test_quick_demo_writes_everything(tmp_path, tiny_data, monkeypatch):
     assert "package data fashion-mnist-demo.npz.xz" in report
     assert (out / "genaf" / "sensitivity.json").is_file()
     assert (out / "perturbations" / "ssp-universal.delta.png").is_file()
+    # the report shows its pictures: each perturbation with SFT's predictions, Gen-AF's sensitivity
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert {"perturbations/ssp-universal.examples.png", "perturbations/ssp-universal.delta.png"} <= set(links)
+    assert "genaf/sensitivity.png" in links
+    assert all((out / x).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for x in links)
 
 
 def test_pretrain_writes_a_loadable_encoder(tmp_path, tiny_data):

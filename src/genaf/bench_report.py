@@ -23,14 +23,27 @@ validation numbers (an older genaf) are reported with no decision.
 "Mean DAE RA" averages the universal DAE attacks (setting ``dae``) over attacks and ε, per
 seed; ``uniform-noise`` is a random control, shown but left out of that mean.
 
-Plots (``OUT/figures/``): the trade-off front, RA per attack (grouped bars), RA against ε
-(with ε = 0 the clean accuracy), the stage-2 robust sensitivity of every layer of a Gen-AF
-run with the selected layers marked, and the universal perturbations themselves (the
-``*.delta.png`` written beside each perturbation; δ mapped from [−ε, ε] to [0, 1]).
+Plots (``OUT/figures/``), each with its title, axis labels and a legend:
+
+- ``tradeoff-*.png``: each method at (validation CA, mean DAE RA) with ± seed-std error bars,
+  the front as a black staircase over the grey region it dominates, the methods on it ringed,
+  Gen-AF a black-edged star;
+- ``attacks-*.png``: RA per attack as grouped bars (mean over ε and seeds, ± std), each
+  method's clean accuracy as a black tick over its bars, the DAEs, the random control (hatched)
+  and the white-box attacks in separate labelled parts of the axis;
+- ``eps-*.png``: RA against ε (ε = 0 is the clean accuracy);
+- ``sensitivity-*.png``: stage 2's robust sensitivity of every layer (short names, network
+  order), every seed's values as markers (filled where that seed selected the layer);
+
+and beside each perturbation of the first seed (drawn again by every report,
+:mod:`genaf.visualize`) ``*.examples.png``, test images clean / perturbed / δ with the
+predictions of the SFT model, and ``*.delta.png``, δ per channel, both on a diverging colour
+scale in 1/255.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -325,26 +338,17 @@ def _colors(n: int):
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def plot_tradeoff(g: Group, info: dict, title: str, path: Path) -> None:
+def _err(ms: tuple[float, float | None]) -> float:
+    return 0.0 if ms[1] is None else 100 * ms[1]
+
+
+def fig_tradeoff(g: Group, info: dict, title: str):
+    """Each method at (CA, mean DAE RA) with its seed std as error bars, the front as a black
+    staircase over the grey region it dominates, the methods on the front ringed, and Gen-AF a
+    large black-edged star. The axes hold every error bar."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    cols = _colors(len(g.methods))
-    for m, c in zip(g.methods, cols):
-        ca, ra = g.ca(m), g.mean_dae(m)
-        if ca[0] != ca[0] or ra[0] != ra[0]:
-            continue
-        ax.errorbar(
-            100 * ca[0],
-            100 * ra[0],
-            xerr=None if ca[1] is None else 100 * ca[1],
-            yerr=None if ra[1] is None else 100 * ra[1],
-            fmt="o*"[m == genaf_label(g.methods, g.rows)],
-            ms=8 if m != genaf_label(g.methods, g.rows) else 14,
-            color=c,
-            capsize=3,
-            label=m,
-        )
-        ax.annotate(m, (100 * ca[0], 100 * ra[0]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(7.4, 5.0))
+    gl = genaf_label(g.methods, g.rows)
     front = info["front"]
     if front:
         pts = sorted((info["points"][m] for m in front), key=lambda p: p[0])
@@ -352,54 +356,160 @@ def plot_tradeoff(g: Group, info: dict, title: str, path: Path) -> None:
         for i, (x, y) in enumerate(pts):
             xs += [x, x]
             ys += [y, pts[i + 1][1] if i + 1 < len(pts) else 0.0]
-        ax.plot(xs, ys, "--", color="grey", lw=1, label=f"front (area {info['area']:.0f} %²)")
-    pts = list(info["points"].values())
-    if pts:  # zoom on the methods (the front's steps run on to the axes)
-        xs_, ys_ = [p[0] for p in pts], [p[1] for p in pts]
-        pad_x = max(2.0, 0.15 * (max(xs_) - min(xs_)))
-        pad_y = max(2.0, 0.15 * (max(ys_) - min(ys_)))
-        ax.set_xlim(max(0.0, min(xs_) - pad_x), min(100.0, max(xs_) + pad_x))
-        ax.set_ylim(max(0.0, min(ys_) - pad_y), min(100.0, max(ys_) + pad_y))
+        ax.fill_between(xs, ys, 0, color="0.85", zorder=0, label=f"dominated by the front (area {info['area']:.0f} %²)")
+        ax.plot(xs, ys, "-", color="black", lw=1.3, zorder=1, label="front (no method beats these on both)")
+    lo_x, hi_x, lo_y, hi_y = [], [], [], []
+    ringed = False
+    for m, c in zip(g.methods, _colors(len(g.methods))):
+        ca, ra = g.ca(m), g.mean_dae(m)
+        if ca[0] != ca[0] or ra[0] != ra[0]:
+            continue
+        x, y, ex, ey = 100 * ca[0], 100 * ra[0], _err(ca), _err(ra)
+        star = m == gl
+        ax.errorbar(
+            x,
+            y,
+            xerr=ex or None,
+            yerr=ey or None,
+            fmt="*" if star else "o",
+            ms=17 if star else 8,
+            mec="black" if star else c,
+            mew=1.2 if star else 1.0,
+            color=c,
+            ecolor=c,
+            capsize=3,
+            zorder=4 if star else 3,
+            label=f"{m} (Gen-AF)" if star and m != "genaf" else m,
+        )
+        if m in front:
+            ax.scatter(
+                [x],
+                [y],
+                s=420 if star else 240,
+                facecolors="none",
+                edgecolors="black",
+                lw=1.2,
+                zorder=2,
+                label=None if ringed else "on the front",
+            )
+            ringed = True
+        ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 6), fontsize=8, zorder=5)
+        lo_x.append(x - ex)
+        hi_x.append(x + ex)
+        lo_y.append(y - ey)
+        hi_y.append(y + ey)
+    if lo_x:  # zoom on the methods and their error bars (the front's steps run on to the axes)
+        pad_x = max(2.0, 0.12 * (max(hi_x) - min(lo_x)))
+        pad_y = max(2.0, 0.12 * (max(hi_y) - min(lo_y)))
+        ax.set_xlim(max(0.0, min(lo_x) - pad_x), min(100.0, max(hi_x) + pad_x))
+        ax.set_ylim(max(0.0, min(lo_y) - pad_y), min(100.0, max(hi_y) + pad_y))
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel("mean DAE robust accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    _save(fig, path)
+    seeds = len(g.seeds)
+    note = f"error bars: ± sample std over {seeds} seeds" if seeds > 1 else "one seed: no error bars"
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), title=note, title_fontsize=8)
+    return fig
+
+
+def plot_tradeoff(g: Group, info: dict, title: str, path: Path) -> None:
+    _save(fig_tradeoff(g, info, title), path)
+
+
+def fig_attack_bars(g: Group, title: str, wb: Group | None = None):
+    """Grouped bars: each method's RA per attack (mean over ε and seeds, ± std over seeds), its
+    clean accuracy as a black tick over each of its bars; the DAEs first, then the random
+    control (hatched, its own panel of the axis), then the white-box attacks."""
+    plt = _plt()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    dae = [a for a in g.attacks if not g.is_control(a)]
+    ctrl = [a for a in g.attacks if g.is_control(a)]
+    groups = [("dae", a) for a in dae] + [("control", a) for a in ctrl]
+    groups += [("wb", a) for a in wb.attacks] if wb is not None else []
+    n_m = len(g.methods)
+    width = 0.8 / max(n_m, 1)
+    fig, ax = plt.subplots(figsize=(min(18.0, max(7.0, 0.22 * len(groups) * n_m + 3)), 5.0))
+    top = 100.0
+    for i, (m, c) in enumerate(zip(g.methods, _colors(n_m))):
+        ca = 100 * g.ca(m)[0]
+        for j, (kind, a) in enumerate(groups):
+            src = wb if kind == "wb" else g
+            ms = mean_std(list(src.expected_per_seed(m, a).values()))
+            if ms[0] != ms[0]:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            h, e = 100 * ms[0], _err(ms)
+            ax.bar(
+                x,
+                h,
+                width,
+                yerr=e or None,
+                capsize=2,
+                error_kw={"ecolor": "0.45", "lw": 1.0},
+                color=c,
+                alpha=0.45 if kind == "control" else 1.0,
+                hatch="//" if kind == "control" else None,
+                edgecolor="0.3" if kind == "control" else c,
+                lw=0.5,
+            )
+            if ca == ca:
+                ax.hlines(ca, x - width / 2, x + width / 2, colors="black", lw=2.2, zorder=3)
+            top = max(top, h + e, ca if ca == ca else 0.0)
+    kinds = [k for k, _ in groups]
+    bounds = [j for j in range(1, len(groups)) if kinds[j] != kinds[j - 1]]
+    for b in bounds:
+        ax.axvline(b - 0.5, color="0.4", ls=":", lw=1)
+    names = {"dae": "universal DAEs (crafted on θ0)", "control": "random control", "wb": "white-box"}
+    starts = [0] + bounds
+    ends = bounds + [len(groups)]
+    for s, e in zip(starts, ends):
+        ax.text(
+            (s + e - 1) / 2,
+            1.01,
+            names[kinds[s]],
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="0.25",
+        )
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(
+        [a + {"dae": "", "control": "\n(control)", "wb": "\n(white-box)"}[k] for k, a in groups],
+        rotation=30,
+        ha="right",
+    )
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylabel("accuracy (%): bars robust, mean over ε and seeds")
+    ax.set_xlabel("attack")
+    ax.set_ylim(0, max(100.0, top + 2))
+    ax.set_title(title, fontsize=10, pad=20)
+    ax.grid(axis="y", alpha=0.3)
+    handles = [Patch(color=c, label=m) for m, c in zip(g.methods, _colors(n_m))]
+    handles += [
+        Line2D([], [], color="black", lw=2.2, label="clean accuracy of the method"),
+        Patch(facecolor="0.8", edgecolor="0.3", hatch="//", label="control: random noise of the same ε"),
+    ]
+    seeds = len(g.seeds)
+    note = f"error bars (grey): ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title=note, title_fontsize=8)
+    return fig
 
 
 def plot_attack_bars(g: Group, title: str, path: Path, wb: Group | None = None) -> None:
-    plt = _plt()
-    groups = [("dae", a) for a in g.attacks] + ([("wb", a) for a in wb.attacks] if wb is not None else [])
-    n_m = len(g.methods)
-    width = 0.8 / max(n_m, 1)
-    fig, ax = plt.subplots(figsize=(min(16.0, max(6.4, 0.25 * len(groups) * n_m + 2)), 4.8))
-    for i, (m, c) in enumerate(zip(g.methods, _colors(n_m))):
-        means, errs = [], []
-        for kind, a in groups:
-            src = g if kind == "dae" else wb
-            ms = mean_std(list(src.expected_per_seed(m, a).values()))
-            means.append(100 * ms[0] if ms[0] == ms[0] else 0.0)
-            errs.append(0.0 if ms[1] is None else 100 * ms[1])
-        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(groups))]
-        ax.bar(xs, means, width, yerr=errs if any(errs) else None, capsize=2, color=c, label=m)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([a + ("\n(white-box)" if k == "wb" else "") for k, a in groups], rotation=30, ha="right")
-    ax.set_ylabel("robust accuracy (%), mean over ε and seeds")
-    ax.set_xlabel("attack")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="method")
-    _save(fig, path)
+    _save(fig_attack_bars(g, title, wb), path)
 
 
-def plot_eps(g: Group, title: str, path: Path) -> None:
+def fig_eps(g: Group, title: str):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     eps_all = sorted({e for _a, e in g.columns})
+    top = 100.0
     for m, c in zip(g.methods, _colors(len(g.methods))):
-        xs, ys, es = [0.0], [100 * g.ca(m)[0]], [0.0 if g.ca(m)[1] is None else 100 * g.ca(m)[1]]
+        xs, ys, es = [0.0], [100 * g.ca(m)[0]], [_err(g.ca(m))]
         for e in eps_all:
             per = defaultdict(list)
             for (mm, a, ee, s), r in g.by.items():
@@ -410,47 +520,128 @@ def plot_eps(g: Group, title: str, path: Path) -> None:
             ms = mean_std([sum(v) / len(v) for v in per.values()])
             xs.append(255 * e)
             ys.append(100 * ms[0])
-            es.append(0.0 if ms[1] is None else 100 * ms[1])
+            es.append(_err(ms))
         ax.errorbar(xs, ys, yerr=es if any(es) else None, marker="o", color=c, capsize=3, label=m)
+        top = max([top] + [y + e for y, e in zip(ys, es) if y == y])
     ax.set_xlabel("DAE budget ε (×1/255, L∞ in pixel units; 0 = clean)")
     ax.set_ylabel("robust accuracy (%), mean over DAE attacks")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
+    ax.set_ylim(0, max(100.0, top + 2))
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), title="method")
-    _save(fig, path)
+    seeds = len(g.seeds)
+    note = f"error bars: ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), title=note, title_fontsize=8)
+    return fig
 
 
-def plot_sensitivity(sens: dict, title: str, path: Path) -> None:
+def plot_eps(g: Group, title: str, path: Path) -> None:
+    _save(fig_eps(g, title), path)
+
+
+def short_layer_names(names: list[str]) -> dict[str, str]:
+    """Layer name -> a shorter one for plots: the wrapper prefixes ``encoder.`` and ``backbone.``
+    dropped (``encoder.backbone.layer2.0.conv1`` -> ``layer2.0.conv1``); a name that would then
+    clash with another keeps its full form."""
+    short = {}
+    for n in names:
+        s = n
+        for p in ("encoder.", "backbone.", "model.", "module."):
+            if s.startswith(p) and len(s) > len(p):
+                s = s[len(p) :]
+        short[n] = s
+    counts = defaultdict(int)
+    for s in short.values():
+        counts[s] += 1
+    return {n: (s if counts[s] == 1 else n) for n, s in short.items()}
+
+
+SEED_MARKERS = "osD^vP<>Xph"
+
+
+def fig_sensitivity(per_seed: dict, title: str):
+    """Stage-2 robust sensitivity ρ of every layer (rows, in network order) for every seed:
+    a marker per seed (filled where that seed selected the layer), a bar at the mean over seeds
+    (red where at least one seed selected the layer), and ``k/n`` where k of n seeds did."""
     plt = _plt()
-    scores = sens.get("sensitivity") or {}
-    selected = set(sens.get("selected") or [])
-    names = list(scores)
-    vals = [float(scores[n]) for n in names]
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.28 * len(names) + 2), 4.8))
-    colors = ["tab:red" if n in selected else "tab:blue" for n in names]
-    ax.bar(range(len(names)), vals, color=colors)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=7)
-    ax.set_xlabel("layer (Conv2d / Linear)")
-    ax.set_ylabel("robust sensitivity ρ (rise of robust CE loss, nats)")
-    pos = [v for v in vals if v > 0]
-    if pos and len(pos) == len(vals) and max(pos) / min(pos) > 100:
-        ax.set_yscale("log")
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
+    seeds = list(per_seed)
+    layers = _unique(n for s in seeds for n in (per_seed[s].get("sensitivity") or {}))
+    short = short_layer_names(layers)
+    sel = {s: set(per_seed[s].get("selected") or []) for s in seeds}
+    n_sel = {n: sum(n in sel[s] for s in seeds) for n in layers}
+    fig, ax = plt.subplots(figsize=(8.0, max(3.2, 0.24 * len(layers) + 1.6)))
+    means = []
+    for n in layers:
+        vals = [float(per_seed[s]["sensitivity"][n]) for s in seeds if n in (per_seed[s].get("sensitivity") or {})]
+        means.append(sum(vals) / len(vals))
+    ys = list(range(len(layers)))
+    ax.barh(ys, means, height=0.7, color=["tab:red" if n_sel[n] else "tab:blue" for n in layers], alpha=0.3)
+    cols = _colors(len(seeds))
+    allv = []
+    for k, (s, c) in enumerate(zip(seeds, cols)):
+        sc = per_seed[s].get("sensitivity") or {}
+        pts = [(float(sc[n]), i, n in sel[s]) for i, n in enumerate(layers) if n in sc]
+        allv += [v for v, _, _ in pts]
+        mk = SEED_MARKERS[k % len(SEED_MARKERS)]
+        ax.scatter(
+            [v for v, _, _ in pts],
+            [i for _, i, _ in pts],
+            marker=mk,
+            s=30,
+            facecolors=[c if chosen else "none" for _, _, chosen in pts],
+            edgecolors=[c] * len(pts),
+            lw=1.1,
+            zorder=3,
+            label=f"seed {s}",
+        )
+    pos = [v for v in allv if v > 0]
+    if pos and len(pos) == len(allv) and max(pos) / min(pos) > 100:
+        ax.set_xscale("log")
+    for i, n in enumerate(layers):
+        if n_sel[n] and len(seeds) > 1:
+            ax.annotate(
+                f"{n_sel[n]}/{len(seeds)}",
+                (1.0, i),
+                xycoords=("axes fraction", "data"),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+                color="tab:red",
+            )
+    ax.set_yticks(ys)
+    ax.set_yticklabels([short[n] for n in layers], fontsize=8)
+    ax.set_ylim(len(layers) - 0.5, -0.5)  # the first layer at the top
+    ax.set_xlabel("robust sensitivity ρ (rise of the robust CE loss, nats)")
+    ax.set_ylabel("layer (Conv2d / Linear), input to output")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ks = sorted({len(v) for v in sel.values()})
+    handles = [
+        Line2D([], [], marker=SEED_MARKERS[k % len(SEED_MARKERS)], ls="", color=c, mfc="none", label=f"seed {s}")
+        for k, (s, c) in enumerate(zip(seeds, cols))
+    ]
+    handles += [
+        Line2D([], [], marker="o", ls="", color="0.3", mfc="0.3", label="filled: selected by that seed"),
+        Patch(color="tab:red", alpha=0.3, label="mean ρ, selected by k/n seeds" if len(seeds) > 1 else "ρ, selected"),
+        Patch(color="tab:blue", alpha=0.3, label="mean ρ, never selected" if len(seeds) > 1 else "ρ, not selected"),
+    ]
     ax.legend(
-        handles=[
-            Patch(color="tab:red", label=f"selected for stage 2 ({len(selected)}: most robust-redundant)"),
-            Patch(color="tab:blue", label="other layers (kept frozen in stage 2)"),
-        ],
+        handles=handles,
         fontsize=8,
         loc="upper left",
-        bbox_to_anchor=(1.01, 1.0),
+        bbox_to_anchor=(1.06, 1.0),
+        title=f"the {'/'.join(map(str, ks))} layer(s) of least ρ (robust-\nredundant) are fine-tuned, the rest frozen",
+        title_fontsize=8,
     )
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    return fig
+
+
+def plot_sensitivity(per_seed: dict, title: str, path: Path) -> None:
+    """``per_seed``: seed -> the contents of a run's ``sensitivity.json``."""
+    _save(fig_sensitivity(per_seed, title), path)
 
 
 # ---------------------------------------------------------------------------- the report
@@ -564,71 +755,179 @@ def build_report(out_dir: str | os.PathLike) -> Path:
 
 
 def _sensitivity_section(out: Path, rows: list[dict], enc: str, ds: str, figs: Path) -> list[str]:
-    """A bar chart of each Gen-AF-like run's stage-2 sensitivity (first seed with a file)."""
-    text = []
-    seen = set()
+    """For each method whose runs wrote ``sensitivity.json`` (Gen-AF's stage 2, RiFT): one
+    chart of every layer's robust sensitivity with every seed on it."""
+    per_method: dict[str, dict] = {}
     for r in rows:
         m = r["method"]
-        if m in seen or not r.get("run"):
+        if not r.get("run") or r["seed"] in per_method.get(m, {}):
             continue
         f = out / r["run"] / "sensitivity.json"
         if not f.is_file():
             continue
-        seen.add(m)
         try:
             sens = json.loads(f.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, OSError):
             continue
-        if not sens.get("sensitivity"):
-            continue
-        slug = _slug(enc, ds, m, "seed", r["seed"])
+        if isinstance(sens, dict) and isinstance(sens.get("sensitivity"), dict) and sens["sensitivity"]:
+            per_method.setdefault(m, {})[r["seed"]] = sens
+    if not per_method:
+        return []
+    text = ["### Robust sensitivity of the layers (stage 2)", ""]
+    for m, per_seed in per_method.items():
+        slug = _slug(enc, ds, m)
+        seeds = ", ".join(map(str, per_seed))
         plot_sensitivity(
-            sens, f"Stage-2 robust sensitivity: {m}, {enc} → {ds}, seed {r['seed']}", figs / f"sensitivity-{slug}.png"
+            per_seed, f"Robust sensitivity of each layer: {m}, {enc} → {ds}", figs / f"sensitivity-{slug}.png"
         )
-        if not text:
-            text += ["### Robust sensitivity of the layers (stage 2)", ""]
-        sel = ", ".join(sens.get("selected") or [])
+        short = short_layer_names(_unique(n for sv in per_seed.values() for n in sv["sensitivity"]))
+        sel = "; ".join(
+            f"seed {s}: " + (", ".join(short.get(n, n) for n in sv.get("selected") or []) or "—")
+            for s, sv in per_seed.items()
+        )
         text += [
-            f"{m} (seed {r['seed']}): selected {sel or '—'}.",
+            f"{m} (seeds {seeds}), the layers fine-tuned: {sel}.",
             "",
-            f"![sensitivity](figures/sensitivity-{slug}.png)",
+            f"![sensitivity of {m}](figures/sensitivity-{slug}.png)",
             "",
         ]
     return text
 
 
+def _prediction_run(rows: list[dict], r: dict) -> dict | None:
+    """The run whose predictions a perturbation's examples show: SFT's for the same encoder,
+    dataset and seed when the bench has it, else the first method's."""
+    same = [
+        x
+        for x in rows
+        if x.get("run")
+        and x["setting"] == "dae"
+        and (x["encoder"], x["dataset"], x["seed"]) == (r["encoder"], r["dataset"], r["seed"])
+    ]
+    by_label = [x for x in same if x["method"] == "sft"]
+    by_name = [x for x in same if x.get("method_name") == "sft"]
+    return (by_label or by_name or same or [None])[0]
+
+
+def _redraw_perturbations(out: Path, rows: list[dict], items: list[tuple[dict, Path]]) -> dict:
+    """Draw each perturbation's figures again: δ from its file, and the examples on the first
+    test images of the row's dataset with the predictions of :func:`_prediction_run`'s model.
+    Returns ``{perturbation path: (dataset, method)}`` of the examples drawn, and under the key
+    ``None`` why some could not be (the bench's own pictures, on surrogate images, then stay)."""
+    from .attacks.perturbation import Perturbation
+    from .errors import GenafError
+    from .models import load_model
+    from .visualize import delta_figure, save_figure, save_perturbation_images
+
+    drawn: dict = {}
+    bench = cfg = None
+    try:
+        from .bench import Bench, load_config
+
+        cfg = load_config(out / "bench.yaml")
+        cfg.device = "cpu"
+        bench = Bench(cfg, out, log=lambda *_: None)
+    except (GenafError, OSError) as exc:
+        drawn[None] = f"the bench configuration could not be read ({exc})"
+    # the bench has read these images already: a report never downloads them
+    specs = {d.label: dataclasses.replace(d, download=False) for d in cfg.datasets} if cfg is not None else {}
+    models: dict = {}
+    for r, path in items:
+        try:
+            pert = Perturbation.load(path)
+        except (GenafError, OSError):
+            continue
+        if cfg is not None and cfg.surrogate.get("resize") == "bilinear":
+            pert.resize = "bilinear"
+        dm = None
+        if bench is not None and r["dataset"] in specs:
+            try:
+                dm = bench.data(specs[r["dataset"]], r["seed"])
+            except (GenafError, OSError) as exc:
+                drawn[None] = f"the images of {r['dataset']} could not be read ({exc})"
+        run = _prediction_run(rows, r)
+        model = None
+        if dm is not None and run is not None:
+            key = run["run"]
+            if key not in models:
+                try:
+                    models[key] = load_model(out / key)
+                except (GenafError, OSError):
+                    models[key] = None
+            model = models[key]
+        if dm is not None:
+            name = run["method"] if model is not None else None
+            try:
+                save_perturbation_images(
+                    pert,
+                    dm.test.subset(8),
+                    path,
+                    model=model,
+                    class_names=dm.classes,
+                    model_name=name or "model",
+                    encoder=r["encoder"],
+                )
+                drawn[path] = (r["dataset"], name)
+                continue
+            except GenafError as exc:
+                drawn[None] = f"{path.name} could not be applied to the images of {r['dataset']} ({exc})"
+        save_figure(delta_figure(pert, r["encoder"]), path.with_suffix(".delta.png"))
+    return drawn
+
+
 def _perturbation_section(out: Path, rows: list[dict]) -> list[str]:
-    """The universal perturbations of the first seed, as images (δ scaled from [−ε, ε] to [0, 1])."""
+    """The universal perturbations of the first seed, drawn again (visualize): δ and, on test
+    images, clean / perturbed / δ with a fine-tuned model's predictions."""
     seen, items = set(), []
     for r in rows:
         p = r.get("perturbation")
-        if not p or r["setting"] not in ("dae", "self-attack"):
+        if not p or r["setting"] != "dae":
             continue
-        key = (r["encoder"], r["attack"], float(r["eps"]), r["setting"] == "self-attack")
-        if key in seen or r["setting"] == "self-attack":
+        key = (r["encoder"], r["attack"], float(r["eps"]))
+        path = out / p
+        if (
+            key in seen
+            or path.suffix != ".safetensors"
+            or not (path.is_file() or path.with_suffix(".delta.png").is_file())
+        ):
             continue
-        png = (out / p).with_suffix(".delta.png")
-        if png.is_file():
-            seen.add(key)
-            ex = (out / p).with_suffix(".examples.png")
-            items.append((r, png.relative_to(out).as_posix(), ex.relative_to(out).as_posix() if ex.is_file() else None))
+        seen.add(key)
+        items.append((r, path))
     if not items:
         return []
+    drawn = _redraw_perturbations(out, rows, items)
     text = [
         "## Universal perturbations",
         "",
-        "δ of each DAE (first seed), mapped from [−ε, ε] to [0, 1] (grey = 0), and test images before and after it.",
+        "Each DAE of the first seed. The first figure shows test images in columns: clean, perturbed (clamped to "
+        "[0, 1]) and δ = perturbed − clean (mean of the colour channels), on a diverging colour scale in units of "
+        "1/255 from −ε to +ε; under each image the prediction of a fine-tuned model (SFT where the bench has it), "
+        "in red where the perturbation changed it. The second shows δ itself, one panel per colour channel.",
         "",
-        "| encoder | attack | ε | δ | clean / perturbed |",
-        "|---|---|---|---|---|",
     ]
-    for r, png, ex in items:
-        text.append(
-            f"| {r['encoder']} | {r['attack']} | {eps_label(r['eps'])} | ![δ {r['attack']}]({png}) | "
-            + (f"![examples]({ex})" if ex else "—")
-            + " |"
+    if drawn.get(None):
+        text += [
+            f"Some examples were not drawn again: {drawn[None]}; those show the bench's pictures from crafting time "
+            "(surrogate images, no predictions).",
+            "",
+        ]
+    for r, path in items:
+        rel = path.relative_to(out)
+        ex, de = rel.with_suffix(".examples.png"), rel.with_suffix(".delta.png")
+        where = drawn.get(path)
+        on = (
+            f" — test images of {where[0]}" + (f", predictions of {where[1]} (seed {r['seed']})" if where[1] else "")
+            if where
+            else ""
         )
-    return text + [""]
+        how = "random control" if (r.get("attack_name") or r["attack"]) in CONTROLS else f"crafted on {r['encoder']}"
+        text += [f"### {r['attack']}, ε {eps_label(r['eps'])}, {how}{on}", ""]
+        if (out / ex).is_file():
+            text.append(f"![clean / perturbed / δ: {r['attack']}]({ex.as_posix()})")
+        if (out / de).is_file():
+            text.append(f"![δ of {r['attack']}]({de.as_posix()})")
+        text.append("")
+    return text
 
 
 __all__ = ["build_report", "pareto_front", "front_area", "mean_std", "paper_table"]

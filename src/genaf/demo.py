@@ -171,6 +171,7 @@ def run_demo(
         results[label] = evaluate(run, perts, datamodule=data, device=str(dev), log=log)
     order = ["l4a-base", "ssp-universal", "uniform-noise", "pgd10-wb"]
     table = demo_table(results, order)
+    figures = demo_figures(out, perts, data, seed)
     seconds = time.time() - t0
     text = [
         "# genaf demo",
@@ -195,6 +196,8 @@ def run_demo(
         table,
         "",
         f"Wall time: {seconds:.0f} s{' (quick setting: not the protocol)' if quick else ''}.",
+        "",
+        *figures,
     ]
     (out / "report.md").write_text("\n".join(text) + "\n")
     write_json(
@@ -237,7 +240,6 @@ def craft_demo_perturbations(enc, data, s: dict, folder: Path, dev, seed: int, q
     """Craft (or reload) the demo's DAEs on the original encoder from the disjoint surrogate pool."""
     from .api import stale_reasons
     from .attacks import Perturbation
-    from .visualize import save_perturbation_images
 
     sur = data.surrogate(s["n_surrogate"])
     sur_name = f"{DATASET} surrogate reserve ({len(sur)} images, in no downstream split)"
@@ -267,8 +269,58 @@ def craft_demo_perturbations(enc, data, s: dict, folder: Path, dev, seed: int, q
             log=log,
             **cfg,
         )
-        save_perturbation_images(perts[name], data.test.subset(8), path)
     return perts
+
+
+def demo_figures(out: Path, perts: dict, data, seed: int) -> list[str]:
+    """Draw the demo's pictures and return the report lines that show them: each DAE on the first
+    test images with the fine-tuned ``sft`` model's predictions, δ itself, and the robust
+    sensitivity of every layer in Gen-AF's stage 2 (:mod:`genaf.visualize`, :mod:`genaf.bench_report`)."""
+    import json
+
+    from .bench_report import plot_sensitivity
+    from .models import load_model
+    from .visualize import save_perturbation_images
+
+    model = load_model(out / "sft")
+    lines = [
+        "## Pictures",
+        "",
+        "Each perturbation on the first 8 test images: clean, perturbed (clamped to [0, 1]) and "
+        "δ = perturbed − clean (mean of the colour channels; diverging colour scale in units of 1/255), with the "
+        "predictions of the fine-tuned `sft` model under each image, in red where the perturbation changed one. "
+        "Then δ itself, one panel per colour channel.",
+        "",
+    ]
+    for name, pert in perts.items():
+        path = out / "perturbations" / f"{name}.safetensors"
+        save_perturbation_images(
+            pert, data.test.subset(8), path, model=model, class_names=data.classes, model_name="sft", encoder="demo"
+        )
+        lines += [
+            f"### {name}",
+            "",
+            f"![{name}: clean / perturbed / δ with sft's predictions](perturbations/{name}.examples.png)",
+            f"![δ of {name}](perturbations/{name}.delta.png)",
+            "",
+        ]
+    sens = out / "genaf" / "sensitivity.json"
+    if sens.is_file():
+        plot_sensitivity(
+            {seed: json.loads(sens.read_text())},
+            f"Robust sensitivity of each layer: genaf, demo → {DATASET}, seed {seed}",
+            out / "genaf" / "sensitivity.png",
+        )
+        lines += [
+            "### Gen-AF's stage 2: the layers it fine-tunes",
+            "",
+            "The robust sensitivity of every layer of the stage-1 model; the selected (filled, red) layers, the "
+            "least sensitive, are the only ones stage 2 trains.",
+            "",
+            "![robust sensitivity of every layer, genaf](genaf/sensitivity.png)",
+            "",
+        ]
+    return lines
 
 
 def encoder_quality(enc, data, seed: int = 0) -> dict:
