@@ -6,6 +6,7 @@ against reference-style procedures.
 Parts (``--parts`` picks a subset; default all):
 
 - ``stage1``: one Gen-AF stage-1 training step (the Trainer's inner loop: ``Stage1.step``,
+  the attack on the BatchNorm-folded copy as ``TrainConfig.fold_bn`` does by default,
   backward, both Adam optimisers) at a fixed setting — CIFAR-stem ResNet-18 (width 64), the
   reference MLP head, batch 64, 32×32, K = 10, fp32 — against
   * its bound: K × one input-gradient forward+backward in eval mode + one training
@@ -16,7 +17,14 @@ Parts (``--parts`` picks a subset; default all):
     logits (reference roles, sum reduction, λ = 20);
   * both BatchNorm semantics of Gen-AF's forward (``separate``, the default, and ``concat``);
   * the peak resident memory of a step; on CUDA also a bf16-autocast channels-last step, its
-    images per second, FLOPs per step, the measured bf16 matmul rate and the arithmetic floor.
+    images per second, FLOPs per step, the measured bf16 matmul rate and the arithmetic floor;
+  * ``fold_speedup``: the K attack steps on the trained module (the attack before the fold)
+    against the same steps on the BatchNorm-folded copy, its refresh included (``genaf.fold``);
+  * one block per ``--blocks`` setting (default ``b512_32``: batch 512 at 32×32, ``b256_64``:
+    batch 256 at 64×64): the reference-style and the Gen-AF step, the fold's speed-up, images
+    per second, the peak memory of a step, a CIFAR-10-sized epoch projected from the step; on
+    CUDA the bf16 channels-last step and its floor. With ``--quick`` on the CPU a block times
+    K = 1 once, without warm-up (the epoch is projected to K = 10 from the measured attack rate).
 - ``fast``: Gen-AF stage 1 on the demo protocol (demo encoder, Fashion-MNIST, demo DAEs at
   ε = 16/255 crafted on the original encoder) with fast mode (``attack_steps = 1``: FGSM-RS
   plus the catastrophic-overfitting guard) and with PGD-10: time per epoch and robust
@@ -66,6 +74,7 @@ from genaf.demo import SETTINGS, craft_demo_perturbations
 from genaf.encoders import load_encoder
 from genaf.encoders.base import CIFAR10_MEAN, CIFAR10_STD, Encoder
 from genaf.encoders.resnet import ResNetBackbone
+from genaf.fold import AttackFold
 from genaf.methods.base import Context
 from genaf.methods.genaf import GENAF_DEFAULTS, REFERENCE_PRESET, Stage1
 from genaf.methods.genetic import genetic_regularizer
@@ -152,12 +161,17 @@ def resnet18_model(width: int = 64, num_classes: int = 10, seed: int = 0) -> Dow
 
 class GenafStep:
     """One Gen-AF stage-1 training step exactly as the Trainer runs it (mode setting, the
-    stage's step under the chosen precision, zero_grad, backward, both optimisers)."""
+    stage's step under the chosen precision, zero_grad, backward, both optimisers). With
+    ``fold`` (the Trainer's default, ``TrainConfig.fold_bn``) the attack runs on the
+    BatchNorm-folded copy of the model, refreshed before every attack."""
 
-    def __init__(self, model, cfg: dict, reference, dev, amp: bool = False, channels_last: bool = False):
+    def __init__(
+        self, model, cfg: dict, reference, dev, amp: bool = False, channels_last: bool = False, fold: bool = True
+    ):
         self.model, self.amp, self.dev, self.cl = model, amp, dev, channels_last
         self.stage = Stage1(cfg, 1)
         self.ctx = Context(None, dev, 0, reference, lambda *_: None)
+        self.ctx.attack_fold = AttackFold(model) if fold else None
         self.opts = [_make_optimizer(g)[0] for g in self.stage.param_groups(model)]
 
     def __call__(self, x, y) -> float:
@@ -242,13 +256,18 @@ def bench_stage1(dev, reps: int, steps: int = 10, batch: int = 64, log=print, co
     y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(2)).to(dev)
     xa = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)).to(dev) * 2 - 1) * EPS).clamp(0, 1)
     cfg = dict(GENAF_DEFAULTS, attack_steps=steps)
-    models = {k: copy.deepcopy(base) for k in ("separate", "concat", "reference", "bound")}
+    models = {k: copy.deepcopy(base) for k in ("separate", "concat", "reference", "bound", "attack")}
+    fold = AttackFold(models["attack"])
     runs = {
         "separate": GenafStep(models["separate"], dict(cfg, forward="separate"), reference, dev),
         "concat": GenafStep(models["concat"], dict(cfg, forward="concat"), reference, dev),
         "reference": ReferenceStep(models["reference"], steps),
         "pgd_step": lambda x_, y_: input_grad_pass(models["bound"], x_, y_, False, dev),
         "train_pass": lambda x_, y_: train_pass(models["bound"], x_, xa, y_, False, dev),
+        # the K attack steps of a training step: on the trained module (before the fold) and on
+        # its BatchNorm-folded copy, the copy's refresh from the module included
+        "attack": lambda x_, y_: attack_steps(models["attack"], x_, y_, steps),
+        "attack_folded": lambda x_, y_: attack_steps(fold(models["attack"]), x_, y_, steps),
     }
     # warm-up: every kernel and allocation once (2 attack steps, on copies of the model)
     log(f"stage 1: warm-up (ResNet-18 w64, batch {batch}, 32x32, {dev.type})")
@@ -258,6 +277,8 @@ def bench_stage1(dev, reps: int, steps: int = 10, batch: int = 64, log=print, co
         ReferenceStep(copy.deepcopy(base), 2),
         runs["pgd_step"],
         runs["train_pass"],
+        runs["attack"],
+        runs["attack_folded"],
     ):
         fn(x, y)
     # peak resident memory of one stage-1 step: in a fresh process (this one holds several
@@ -294,6 +315,8 @@ def bench_stage1(dev, reps: int, steps: int = 10, batch: int = 64, log=print, co
             "device": dev.type,
             "genaf_config": "GENAF_DEFAULTS (features space, clean student, adversarial target, "
             "lam 1e4, mean reduction)",
+            "attack": "on the BatchNorm-folded copy (TrainConfig.fold_bn, the Trainer's default; "
+            "before run 7 on the trained module)",
             "reps": reps,
         },
         "stage1_step_ms": round(1000 * med["separate"], 1),
@@ -320,6 +343,7 @@ def bench_stage1(dev, reps: int, steps: int = 10, batch: int = 64, log=print, co
                 "model) and is only worth it where it is measurably faster"
             ),
         },
+        **fold_figures(fold, med, cmed, steps, dev),
         "stage1_times_ms": {k: [round(1000 * t, 1) for t in v] for k, v in times.items()},
         "stage1_cpu_times_ms": {k: [round(1000 * t, 1) for t in v] for k, v in cpu.items()},
         "stage1_over_bound_cpu": round(cmed["separate"] / cbound, 3),
@@ -342,6 +366,137 @@ def bench_stage1(dev, reps: int, steps: int = 10, batch: int = 64, log=print, co
     return out
 
 
+def attack_steps(model, x, y, steps: int) -> None:
+    """The K attack steps of a Gen-AF training step (``pgd`` as ``Stage1.attack`` runs it: eval
+    mode, input gradients only, uniform random start)."""
+    pgd(model, x, y, EPS, STEP, steps, random_start=True, gen=torch.Generator().manual_seed(0))
+
+
+def fold_figures(fold: AttackFold, med: dict, cmed: dict, steps: int, dev) -> dict:
+    """``fold_speedup``: the K attack steps on the trained module against the same steps on the
+    BatchNorm-folded copy (its refresh included), medians of the same interleaved repetitions."""
+    refresh = _median([_timed(fold.refresh, dev) for _ in range(5)])
+    return {
+        "fold_speedup": round(med["attack"] / med["attack_folded"], 3),
+        "fold_speedup_cpu": round(cmed["attack"] / cmed["attack_folded"], 3),
+        "fold": {
+            "K": steps,
+            "attack_ms": round(1000 * med["attack"], 1),
+            "attack_folded_ms": round(1000 * med["attack_folded"], 1),
+            "refresh_ms": round(1000 * refresh, 2),
+            "folded_pairs": len(fold.pairs),
+        },
+    }
+
+
+CIFAR10_TRAIN = 50_000  # the projected epoch: a CIFAR-10-sized training split
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux ``clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def bench_block(dev, batch: int, image: int, steps: int, reps: int, warm: bool, log=print) -> dict:
+    """The stage-1 step at another batch and image size (same model and procedures as the
+    batch-64 figures): the reference-style step, the Gen-AF eager step (fp32, the attack on the
+    BatchNorm-folded copy), the K attack steps with and without the fold, images per second,
+    the peak memory of a Gen-AF step, and the projected time of a CIFAR-10-sized epoch; on CUDA
+    also the bf16 channels-last step and its arithmetic floor (``cuda_extras``)."""
+    torch.manual_seed(0)
+    base = resnet18_model(64).to(dev)
+    reference = copy.deepcopy(base.encoder).eval().requires_grad_(False)
+    x = torch.rand(batch, 3, image, image, generator=torch.Generator().manual_seed(1)).to(dev)
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(2)).to(dev)
+    cfg = dict(GENAF_DEFAULTS, attack_steps=steps, fast_step_factor=0.0)  # K = 1: one plain PGD step
+    models = {k: copy.deepcopy(base) for k in ("genaf", "reference", "attack")}
+    fold = AttackFold(models["attack"])
+    runs = {
+        "genaf": GenafStep(models["genaf"], cfg, reference, dev),
+        "reference": ReferenceStep(models["reference"], steps),
+        "attack": lambda x_, y_: attack_steps(models["attack"], x_, y_, steps),
+        "attack_folded": lambda x_, y_: attack_steps(fold(models["attack"]), x_, y_, steps),
+    }
+    label = f"b{batch}_{image}"
+    if warm:
+        log(f"{label}: warm-up (batch {batch}, {image}x{image}, K = {steps})")
+        for fn in runs.values():
+            fn(x, y)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    mem: dict = {}
+    for r in range(reps):
+        for k, fn in runs.items():
+            first = r == 0 and k == "genaf"
+            if first:  # the memory of a Gen-AF step: measured on the first timed one
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                before, _ = _rss_mb()
+                reset = _reset_peak_rss()
+            wall, c = _measure(lambda fn=fn: fn(x, y), dev)
+            if first:
+                if dev.type == "cuda":
+                    mem["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+                else:
+                    _, peak = _rss_mb()
+                    mem["peak_rss_mb"] = round(peak, 1) if reset else None
+                    mem["rss_before_step_mb"] = round(before, 1)
+                    mem["peak_rss_method"] = (
+                        "VmHWM of this process during the step (reset just before it; the process "
+                        "holds this block's four models and what earlier parts left)"
+                    )
+            times[k].append(wall)
+            cpu[k].append(c)
+        log(f"{label} rep {r + 1}/{reps}: " + ", ".join(f"{k} {1000 * v[-1]:.0f} ms" for k, v in times.items()))
+    med = {k: _median(v) for k, v in times.items()}
+    cmed = {k: _median(v) for k, v in cpu.items()}
+    n_steps = CIFAR10_TRAIN // batch
+    folding = fold_figures(fold, med, cmed, steps, dev)
+    # at K = 10: the timed step plus the missing attack steps at the measured (folded) rate
+    per_step = max(0.0, med["attack_folded"] - folding["fold"]["refresh_ms"] / 1000) / steps
+    step10 = med["genaf"] + max(0, 10 - steps) * per_step
+    out = {
+        "setting": {
+            "batch": batch,
+            "image": image,
+            "K": steps,
+            "reps": reps,
+            "warm_up": warm,
+            "precision": "fp32",
+            "device": dev.type,
+            "encoder": "CIFAR-stem ResNet-18, width 64, reference MLP head (as the batch-64 figures)",
+        },
+        "reference_step_ms": round(1000 * med["reference"], 1),
+        "genaf_step_ms": round(1000 * med["genaf"], 1),
+        "genaf_speedup_vs_reference": round(med["reference"] / med["genaf"], 3),
+        "genaf_speedup_vs_reference_cpu": round(cmed["reference"] / cmed["genaf"], 3),
+        "images_per_s": round(batch / med["genaf"], 1),
+        "epoch_projected_s": round(n_steps * step10, 1),
+        "epoch_projection": (
+            f"{n_steps} steps of batch {batch} (a {CIFAR10_TRAIN:,}-image split) at K = 10"
+            + ("" if steps >= 10 else f": the timed K = {steps} step plus {10 - steps} folded attack steps")
+        ),
+        **folding,
+        **mem,
+        "times_ms": {k: [round(1000 * t, 1) for t in v] for k, v in times.items()},
+    }
+    if dev.type == "cuda":
+        out.update(cuda_extras(base, reference, x, y, cfg, dev, reps, log))
+        out["cuda_epoch_projected_s"] = round(
+            n_steps * (out["cuda_bf16_step_ms"] / 1000) * (step10 / med["genaf"]), 1
+        )
+    log(
+        f"{label}: genaf {1000 * med['genaf']:.0f} ms, reference {1000 * med['reference']:.0f} ms, "
+        f"fold speed-up {out['fold_speedup']:.3f}"
+    )
+    return out
+
+
 def compiled_step(base, reference, x, y, cfg, dev, reps, mode: str, amp: bool, log) -> dict:
     """The Gen-AF stage-1 step with the model under ``torch.compile`` (``train.compile``): the
     compile time (first calls, one graph per train/eval mode), then the median step; counts the
@@ -355,7 +510,8 @@ def compiled_step(base, reference, x, y, cfg, dev, reps, mode: str, amp: bool, l
         model = model.to(memory_format=torch.channels_last)
     torch._dynamo.reset()
     compile_model(model, mode)
-    run = GenafStep(model, cfg, reference, dev, amp=amp, channels_last=amp)
+    # as the Trainer: no BatchNorm fold under compile
+    run = GenafStep(model, cfg, reference, dev, amp=amp, channels_last=amp, fold=False)
     try:
         t0 = time.perf_counter()
         for _ in range(3):
@@ -865,6 +1021,7 @@ def table(res: dict) -> str:
         "stage1_concat_step_ms",
         "stage1_over_bound",
         "stage1_speedup_vs_reference",
+        "fold_speedup",
         "stage2_seconds",
         "stage2_reference_seconds",
         "stage2_speedup_vs_reference",
@@ -893,6 +1050,16 @@ def table(res: dict) -> str:
             ok = v <= t if op == "<=" else v >= t
             tgt = f"{op} {t}  {'met' if ok else 'MISSED'}"
         lines.append(f"{k:<34s} {v:>12.3f}  {tgt}" if isinstance(v, float) else f"{k:<34s} {v!s:>12s}  {tgt}")
+    for key, b in res.items():
+        if key.startswith("b") and isinstance(b, dict) and "genaf_step_ms" in b:
+            st = b["setting"]
+            mem = b.get("peak_rss_mb") or b.get("cuda_peak_allocated_mb")
+            lines.append(
+                f"  {key} (batch {st['batch']}, {st['image']}x{st['image']}, K = {st['K']}): genaf "
+                f"{b['genaf_step_ms']:.0f} ms, reference {b['reference_step_ms']:.0f} ms "
+                f"({b['genaf_speedup_vs_reference']:.2f}x), {b['images_per_s']:.1f} images/s, fold speed-up "
+                f"{b['fold_speedup']:.3f}, peak {mem} MB, CIFAR-10 epoch at K = 10 ~{b['epoch_projected_s']:.0f} s"
+            )
     for m, r in res.get("stage2_models", {}).items():
         lines.append(
             f"  stage 2 on {m}: overlap {r['stage2_topk_overlap']:.2f} ({', '.join(r['stage2_selected'])} | "
@@ -924,6 +1091,12 @@ def main(argv=None) -> int:
         default="32",
         help="comma-separated widths of extra ResNet-18 models scored by the stage2 part ('' for none)",
     )
+    ap.add_argument(
+        "--blocks",
+        default="512x32,256x64",
+        help="stage1 part: further BATCHxIMAGE settings, each written as the block bBATCH_IMAGE "
+        "('' for none; default 512x32,256x64); with --quick on the CPU they time K = 1, once, without warm-up",
+    )
     ap.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
@@ -938,6 +1111,12 @@ def main(argv=None) -> int:
         ap.error(f"--stage2-widths wants comma-separated whole numbers, got '{a.stage2_widths}'")
     if any(w < 1 for w in widths):
         ap.error(f"--stage2-widths wants positive widths, got '{a.stage2_widths}'")
+    try:
+        blocks = [tuple(int(v) for v in b.lower().split("x")) for b in a.blocks.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--blocks wants comma-separated BATCHxIMAGE settings, got '{a.blocks}'")
+    if any(len(b) != 2 or min(b) < 1 for b in blocks):
+        ap.error(f"--blocks wants comma-separated BATCHxIMAGE settings of positive numbers, got '{a.blocks}'")
     bad = [p for p in parts if p not in PARTS]
     if bad:
         ap.error(f"unknown part(s) {bad}; choose from {PARTS}")
@@ -972,6 +1151,17 @@ def main(argv=None) -> int:
     try:
         if "stage1" in parts:
             res.update(bench_stage1(dev, plan["reps"], a.steps, a.batch, log=log, compile_mode=a.compile))
+            small_cpu = a.quick and dev.type == "cpu"  # K = 1, one timed step, no warm-up
+            for batch, image in blocks:
+                res[f"b{batch}_{image}"] = bench_block(
+                    dev,
+                    batch,
+                    image,
+                    1 if small_cpu else a.steps,
+                    1 if small_cpu else plan["reps"],
+                    warm=not small_cpu,
+                    log=log,
+                )
         models, data = {}, None
         if "fast" in parts:
             out, runs = bench_fast(dev, plan, a.quick, work, a.seed, log=log)

@@ -321,6 +321,7 @@ def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, 
         "train_seconds": round(seconds, 1),
         "selected_epochs": artifacts.get("selected_epoch", {}),
         "budget": trainer.budget(),
+        "attack_fold": trainer.attack_fold,  # BatchNorm folded for the training attacks (train.fold_bn)
         "data": cfg["data_info"],
         "determinism": determinism,
         "versions": versions(),

@@ -91,6 +91,11 @@ class TrainConfig:
     # deterministic kernels (genaf.utils.deterministic_mode): CUDA runs of one seed then repeat
     # exactly, at some cost in speed; the ops that have no deterministic kernel are recorded
     deterministic: bool = False
+    # the training attacks (eval mode) run on a copy of the model with every BatchNorm folded
+    # into the convolution before it (genaf.fold; exact up to float rounding, redone from the
+    # trained module before every attack); false attacks the trained module itself. Not used
+    # under compile (the compiled module is attacked), nor for validation.
+    fold_bn: bool = True
     n_val_robust: int = 512  # validation images attacked each epoch for model selection
     val_eps: float = 8 / 255
     val_step: float = 2 / 255
@@ -185,6 +190,8 @@ class Trainer:
         self.history: list[dict] = []
         self.artifacts: dict = {}
         self.counter: PassCounter | None = None
+        self.fold = None
+        self.attack_fold: dict = {"fold_bn": cfg.fold_bn, "folded_pairs": 0}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -281,8 +288,10 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         reference = copy.deepcopy(self.model.encoder).eval().requires_grad_(False)
+        self._build_fold()
         compile_model(self.model, cfg.compile, cfg.compile_backend)  # after the copy: never deepcopy a compiled module
         ctx = Context(self.data, self.device, cfg.seed, reference, self.log, self.run_dir, self.artifacts)
+        ctx.attack_fold = self.fold
         start_stage, start_epoch, ckpt = 0, 0, None
         if resume:
             ckpt = self._load()
@@ -301,6 +310,8 @@ class Trainer:
         if cfg.compile == "none":
             self.counter = PassCounter(self.artifacts)
             self.counter.attach(self.model.encoder, reference)
+            if self.fold is not None:  # the attack steps run the folded copy's encoder
+                self.counter.attach(self.fold.copy.encoder)
         # Ctrl-C: nothing is written at the moment of the interrupt. The checkpoint on disk is the
         # one of the last *completed* epoch (written atomically at its end, with the scheduler
         # state, the best-epoch record and the artefacts of that moment), so `--resume` replays
@@ -321,6 +332,22 @@ class Trainer:
             if self.counter is not None:
                 self.counter.detach()
         return self.artifacts
+
+    def _build_fold(self) -> None:
+        """The BatchNorm-folded copy the training attacks run on (``TrainConfig.fold_bn``);
+        ``self.attack_fold`` records what was folded, or why nothing was."""
+        from .fold import AttackFold
+
+        self.fold = None
+        if not self.cfg.fold_bn:
+            return
+        if self.cfg.compile != "none":
+            self.attack_fold["note"] = "off under compile: the attacks run the compiled module"
+            return
+        fold = AttackFold(self.model)
+        self.attack_fold.update(fold.info())
+        if fold.copy is not None:
+            self.fold = fold
 
     def _kept(self) -> str:
         """What the checkpoint on disk holds (said when a run is interrupted)."""

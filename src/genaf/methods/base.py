@@ -113,7 +113,9 @@ class ParamGroup:
 @dataclass
 class Context:
     """What a stage may use besides the model: data, device, seed, a frozen copy of the
-    pre-trained encoder, a logger, and the run directory (for artefacts)."""
+    pre-trained encoder, a logger, the run directory (for artefacts), and ``attack_fold``: the
+    model to attack in place of the trained one (``genaf.fold.AttackFold``: a copy with its
+    BatchNorms folded into the convolutions, for eval-mode attacks only; None: the model)."""
 
     data: Any
     device: torch.device
@@ -122,6 +124,7 @@ class Context:
     log: Any
     run_dir: Any = None
     artifacts: dict = field(default_factory=dict)
+    attack_fold: Any = None
 
 
 class Stage:

@@ -59,12 +59,14 @@ class FareStage(Stage1):
         return [ParamGroup("encoder", encoder_params(model), c["encoder_lr"], c["weight_decay"], c["gamma"])]
 
     def attack_fare(self, model, x, target, ctx):
-        """x' maximising ``Σ_i ‖f_θ(x'_i) − target_i‖²`` (x itself while ε is held at 0)."""
+        """x' maximising ``Σ_i ‖f_θ(x'_i) − target_i‖²`` (x itself while ε is held at 0), on the
+        attacked model (the BatchNorm-folded copy; eval mode)."""
+        attacked = self.attacked_model(model, ctx)
 
         def objective(xa):
-            return fare_loss(model.features(xa), target, reduction="sum")
+            return fare_loss(attacked.features(xa), target, reduction="sum")
 
-        return self.attack(model, x, None, ctx, objective=objective, start=self.cfg["start"])
+        return self.attack(model, x, None, ctx, objective=objective, start=self.cfg["start"], attacked=attacked)
 
     def step(self, model, x, y, ctx):
         with torch.no_grad():

@@ -340,7 +340,16 @@ class Stage1(Stage):
         return out
 
     # ------------------------------------------------------------------ the attack
-    def attack(self, model, x, y, ctx, objective=None, start=None):
+    def attacked_model(self, model, ctx):
+        """The module the attack runs: the Trainer's BatchNorm-folded copy of ``model``
+        (``ctx.attack_fold``, refreshed from ``model``'s current weights and statistics), or
+        ``model`` itself. The fold is exact only in eval mode, which every attack of this stage
+        runs in (``pgd``/``pgd_maximise``); the training forwards, where BatchNorm runs in train
+        mode, always use ``model``."""
+        fold = getattr(ctx, "attack_fold", None)
+        return fold(model) if fold is not None else model
+
+    def attack(self, model, x, y, ctx, objective=None, start=None, attacked=None):
         """PGD-L∞ at this epoch's budget; ``x`` itself while the schedule holds ε at 0.
 
         Default: cross-entropy of ``y`` with the ``random_start`` option (exactly
@@ -348,12 +357,15 @@ class Stage1(Stage):
         scalar to maximise) or ``start`` (``uniform``/``gaussian``/``none``):
         :func:`pgd_maximise`. Gradients are taken with respect to the input only. In fast
         mode: FGSM-RS (uniform start, one step of ``fast_step_factor``·ε) whatever the start
-        options say.
+        options say. The attack runs on :meth:`attacked_model` (``attacked``, when the caller's
+        ``objective`` already uses it).
         """
         c = self.cfg
         eps, step = self.budget()
         if eps == 0.0:
             return x.detach()
+        if attacked is None:
+            attacked = self.attacked_model(model, ctx)
         if self._gen is None:
             self._gen = generator(ctx.seed, f"{self.name}:pgd")
         steps, random_start = self.attack_steps(ctx), c.get("random_start", True)
@@ -361,14 +373,14 @@ class Stage1(Stage):
             step, random_start = float(c["fast_step_factor"]) * eps, True
             start = "uniform" if (objective is not None or start is not None) else None
         if objective is None and start is None:
-            return pgd(model, x, y, eps, step, steps, random_start=random_start, gen=self._gen)
+            return pgd(attacked, x, y, eps, step, steps, random_start=random_start, gen=self._gen)
         if objective is None:
 
             def objective(xa):
-                return F.cross_entropy(model(xa), y, reduction="sum")
+                return F.cross_entropy(attacked(xa), y, reduction="sum")
 
         start = start or ("uniform" if c.get("random_start", True) else "none")
-        return pgd_maximise(model, x, objective, eps, step, steps, start=start, gen=self._gen)
+        return pgd_maximise(attacked, x, objective, eps, step, steps, start=start, gen=self._gen)
 
     def step(self, model, x, y, ctx):
         c = self.cfg

@@ -34,14 +34,16 @@ def trades_kl(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.Ten
 
 class TradesStage(Stage1):
     def attack_trades(self, model, x, y, ctx):
-        """x' maximising ``Σ_i KL(p(x_i) ‖ p(x'_i))`` (x itself while ε is held at 0)."""
-        with torch.no_grad(), eval_mode(model):
-            p_clean = F.softmax(model(x), 1)
+        """x' maximising ``Σ_i KL(p(x_i) ‖ p(x'_i))`` (x itself while ε is held at 0); ``p(x)``
+        and the attack in eval mode, on the attacked model (the BatchNorm-folded copy)."""
+        attacked = self.attacked_model(model, ctx)
+        with torch.no_grad(), eval_mode(attacked):
+            p_clean = F.softmax(attacked(x), 1)
 
         def objective(xa):
-            return F.kl_div(F.log_softmax(model(xa), 1), p_clean, reduction="sum")
+            return F.kl_div(F.log_softmax(attacked(xa), 1), p_clean, reduction="sum")
 
-        return self.attack(model, x, y, ctx, objective=objective, start=self.cfg["start"])
+        return self.attack(model, x, y, ctx, objective=objective, start=self.cfg["start"], attacked=attacked)
 
     def step(self, model, x, y, ctx):
         if self.budget()[0] == 0.0:
