@@ -17,12 +17,17 @@ __all__ = [
     "finetune",
     "craft",
     "evaluate",
+    "export",
 ]
 
 
 def __getattr__(name: str):  # lazy, so `import genaf` stays cheap
-    if name in ("load_encoder", "load_dataset", "load_model", "finetune", "evaluate", "craft"):
+    if name in ("load_encoder", "load_dataset", "load_model", "finetune", "evaluate", "craft", "export"):
         from . import api
 
         return getattr(api, name)
+    if name == "attacks":  # genaf.attacks.PGD(...) without importing the subpackage first
+        import importlib
+
+        return importlib.import_module(".attacks", __name__)
     raise AttributeError(name)

@@ -5,6 +5,7 @@ data = genaf.load_dataset("fashion-mnist", n_train=3000, n_val=1000, n_test=2000
 run = genaf.finetune("demo", "fashion-mnist", method="genaf", out="runs/genaf")
 pert = genaf.craft("demo", "l4a-base", data.surrogate(2000), eps=16/255)
 metrics = genaf.evaluate("runs/genaf", perturbations={"l4a": pert})
+genaf.export("runs/genaf", "torchvision", "encoder.safetensors")   # loads with torchvision:resnet18:PATH
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .encoders import Encoder, load_encoder
 from .encoders.base import check_image_size, warn_native_size
 from .errors import CheckpointError, ConfigError, DataError, first_line
 from .evaluation import evaluate_model
+from .exports import export
 from .methods.base import create_method
 from .models import DownstreamModel, load_model, save_model
 from .train import TrainConfig, Trainer
@@ -41,7 +43,16 @@ from .utils import (
     write_json,
 )
 
-__all__ = ["load_encoder", "load_dataset", "load_model", "finetune", "craft", "evaluate", "data_from_config"]
+__all__ = [
+    "load_encoder",
+    "load_dataset",
+    "load_model",
+    "finetune",
+    "craft",
+    "evaluate",
+    "export",
+    "data_from_config",
+]
 
 
 def data_from_config(cfg: dict) -> DataModule:
@@ -159,7 +170,13 @@ def finetune(
 
 
 # Options that may differ on --resume: where the run executes and how it reports, not what it computes.
-RESUME_FREE = {("train", "device"), ("train", "progress"), ("data", "root"), ("data", "download")}
+RESUME_FREE = {
+    ("train", "device"),
+    ("train", "progress"),
+    ("train", "logger"),
+    ("data", "root"),
+    ("data", "download"),
+}
 
 
 def check_seed(seed) -> int:

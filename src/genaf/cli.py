@@ -218,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the model (GPU users; one graph per train/eval mode) (default none)",
     )
     p.add_argument(
+        "--logger",
+        default=None,
+        choices=["none", "csv", "tensorboard"],
+        help="training curves beside history.json: csv appends one row per epoch to OUT/history.csv as it goes; "
+        "tensorboard writes OUT/tensorboard/ (needs pip install tensorboard) (default none)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run in --out from its checkpoint, with the saved options (default: a new run)",
@@ -418,6 +425,38 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet_debug(p)
     _limit_arg(p)
 
+    p = sub.add_parser(
+        "export",
+        help="write a run's fine-tuned encoder as a torchvision, timm or genaf weights file",
+        description="Write the fine-tuned encoder of a genaf finetune run as a plain weights file: a torchvision "
+        "ResNet state dict, a timm state dict or a genaf encoder file; then load it back with the printed "
+        "encoder spec and compare its features with the run's. The head (genaf's own MLP) is not exported.",
+    )
+    p.add_argument("run", help="run directory of genaf finetune (required)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["torchvision", "timm", "safetensors"],
+        help="torchvision: torchvision ResNet keys without fc (a ResNet-18/34/50 with torchvision's 7x7 stem, "
+        "width 64, ImageNet normalisation; loads with torchvision:ARCH:OUT); timm: the timm model's own keys "
+        "(timm runs, and such ResNets; loads with timm:NAME:OUT); safetensors: genaf's encoder file with its "
+        "metadata (any encoder; loads with file:OUT). A format that does not fit the encoder is refused (required)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="file to write (required): .safetensors (a safetensors file), or .pth/.pt (torchvision/timm: "
+        "torch.save of a plain tensor dict; safetensors: genaf's .pt container)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip loading the file back and comparing its features with the run's encoder "
+        "(default: compare, and remove the file if they differ)",
+    )
+    _quiet_debug(p)
+    _limit_arg(p)
+
     p = sub.add_parser("inspect", help="print what an encoder spec loads")
     p.add_argument("spec", help=f"encoder spec: {_encoder_choices()}")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
@@ -492,6 +531,7 @@ def cmd_finetune(a) -> int:
         "channels_last": a.channels_last,
         "compile": a.compile,
         "deterministic": a.deterministic,
+        "logger": a.logger,
     }
     data = {
         "root": a.data_root,
@@ -678,6 +718,35 @@ def cmd_pretrain(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from . import api
+
+    res = api.export(a.run, a.format, a.out, verify=not a.no_verify)
+    checked = "not checked"
+    if res["verified"]:
+        checked = f"features equal to the run's encoder (max |diff| {res['max_abs_diff']:.2g})"
+    print(
+        f"wrote {res['out']} ({res['format']} {res['arch']}, {res['tensors']} tensors, {res['parameters']:,} "
+        f"parameters); load it with {res['load_with']}; {checked}"
+    )
+    out = res["out"]
+    read = (
+        f"state = safetensors.torch.load_file('{out}')"
+        if Path(out).suffix.lower() == ".safetensors"
+        else f"state = torch.load('{out}', weights_only=True)"
+    )
+    if res["format"] == "torchvision":
+        print(
+            f"in torchvision: {read}; m = torchvision.models.{res['arch']}(); m.fc = torch.nn.Identity(); "
+            "m.load_state_dict(state); m takes ImageNet-normalised images (genaf's encoder takes [0,1] images and "
+            "normalises them itself)"
+        )
+    elif res["format"] == "timm":
+        print(f"in timm: {read}; m = timm.create_model('{res['arch']}', num_classes=0); m.load_state_dict(state)")
+    print(f"note: {res['head']}")
+    return 0
+
+
 def cmd_inspect(a) -> int:
     from . import api
 
@@ -766,6 +835,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "pretrain": cmd_pretrain,
     "inspect": cmd_inspect,
+    "export": cmd_export,
     "encoders": cmd_encoders,
     "demo": cmd_demo,
     "bench": cmd_bench,

@@ -101,6 +101,7 @@ class TrainConfig:
     val_step: float = 2 / 255
     val_steps: int = 10
     progress: bool = True
+    logger: str = "none"  # training curves beside history.json: "none" | "csv" | "tensorboard" (genaf.curves)
 
     def validate(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
@@ -111,6 +112,9 @@ class TrainConfig:
             raise ConfigError(f"data_on_device must be auto, on or off, got '{self.data_on_device}'")
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got '{self.compile}'")
+        from .curves import check_logger
+
+        check_logger(self.logger)
 
 
 def _make_optimizer(group: ParamGroup):
@@ -192,6 +196,9 @@ class Trainer:
         self.counter: PassCounter | None = None
         self.fold = None
         self.attack_fold: dict = {"fold_bn": cfg.fold_bn, "folded_pairs": 0}
+        from .curves import curve_logger
+
+        self.curves = curve_logger(cfg.logger, self.run_dir)  # history.csv / tensorboard, one row per epoch
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -458,6 +465,7 @@ class Trainer:
                 **extra,
             }
             self.history.append(row)
+            self.curves(self.history)
             self.log(_epoch_line(row, stage.epochs))
             if best is None or score >= best["score"]:
                 best = {
