@@ -545,9 +545,8 @@ def cmd_finetune(a) -> int:
     from .config import resolve
 
     cfg = resolve(file_cfg, encoder=a.encoder, dataset=a.dataset, method=a.method, seed=a.seed, head=a.head)
-    defaulted = [
-        f"--{k} {cfg[k]}" for k in ("encoder", "dataset", "method") if getattr(a, k) is None and k not in (file_cfg or {})
-    ]
+    given = set(file_cfg or {})
+    defaulted = [f"--{k} {cfg[k]}" for k in ("encoder", "dataset", "method") if getattr(a, k) is None and k not in given]
     if defaulted:  # stated, never silent: a forgotten --dataset is not a quiet Fashion-MNIST run
         print(f"genaf finetune: not given, so the defaults: {' '.join(defaulted)}", file=sys.stderr)
     m = api.finetune(
@@ -792,9 +791,7 @@ def cmd_encoders(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from .demo import run_demo
-
-    from .demo import default_out
+    from .demo import default_out, run_demo
 
     out = a.out or default_out(a.encoder)
     run_demo(out, quick=a.quick, device=a.device or "auto", seed=a.seed or 0, log=_log(a) or _silent,
