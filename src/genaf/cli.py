@@ -545,8 +545,8 @@ def cmd_finetune(a) -> int:
     from .config import resolve
 
     cfg = resolve(file_cfg, encoder=a.encoder, dataset=a.dataset, method=a.method, seed=a.seed, head=a.head)
-    given = set(file_cfg or {})
-    defaulted = [f"--{k} {cfg[k]}" for k in ("encoder", "dataset", "method") if getattr(a, k) is None and k not in given]
+    given = {k for k in ("encoder", "dataset", "method") if getattr(a, k) is not None or k in (file_cfg or {})}
+    defaulted = [f"--{k} {cfg[k]}" for k in ("encoder", "dataset", "method") if k not in given]
     if defaulted:  # stated, never silent: a forgotten --dataset is not a quiet Fashion-MNIST run
         print(f"genaf finetune: not given, so the defaults: {' '.join(defaulted)}", file=sys.stderr)
     m = api.finetune(
