@@ -3,7 +3,7 @@ stage-1 model with genaf's selection and with the reference procedure's selectio
 seeds each: validation clean accuracy and validation DAE robust accuracy, and whether the two
 selections' results are within seed noise of each other (genaf issue 16, defect 3).
 
-    python benchmarks/stage2_selection.py [--quick] --out FILE.json [--work DIR] [--width 8] [--seeds 0,1,2,3,4]
+    python benchmarks/stage2_selection.py [--quick] --out FILE.json [--work DIR] [--width 8 | --vit] [--seeds 0,1,2,3,4]
 
 What it does (all on the CPU unless ``--device cuda``; ``speed`` is benchmarks/speed.py):
 
@@ -11,13 +11,16 @@ What it does (all on the CPU unless ``--device cuda``; ``speed`` is benchmarks/s
    seeded random weights with the MLP head, trained with ``genaf-stage1`` on speed.py's
    ``--quick`` demo split (1,024 train, 256 validation, 512 test images; 1 clean + 2 FGSM-RS
    epochs, encoder lr 2e-3). The model of benchmarks/RESULTS.md run 6 on which genaf's scorer
-   agrees with the reference on only 2 of 4 layers. Cached in ``--work``.
+   agrees with the reference on only 2 of 4 layers. With ``--vit``: ``speed.vit_model``, the
+   shipped ``demo-vit`` encoder fine-tuned with ``genaf-stage1`` PGD-10 as speed.py's stage2
+   part scores it (run 7: 2 of 4 layers there too). Cached in ``--work``.
 2. Its probe (``speed.stage2_probe``: PGD-10 at 8/255 on the first 256 validation images),
    genaf's robust sensitivity with the Gen-AF defaults (the call of ``speed.score_stage2``)
    and the reference procedure (``speed.reference_sensitivity``); each selection is the
    k = max(1, ⌊0.2·layers⌋) lowest (``select_redundant``).
 3. DAEs crafted on the model's ORIGINAL encoder (the random-weight encoder it was trained
-   from) from the demo data's surrogate reserve, disjoint from every split:
+   from; with ``--vit`` the shipped ``demo-vit``) from the demo data's surrogate reserve,
+   disjoint from every split:
    ``genaf.demo.craft_demo_perturbations`` (``l4a-base`` and ``ssp-universal``, ``cpu``
    preset, ε 16/255; and the ``uniform-noise`` control). Cached in ``--work``.
 4. For each selection and seed: genaf's ``Stage2`` (the ``genaf`` method's stage 2 with every
@@ -150,6 +153,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="the JSON file to write (required)")
     ap.add_argument("--work", default=None, help="folder for the stage-1 model and DAEs (default: a temporary one)")
     ap.add_argument("--width", type=int, default=8, help="width of the stage-1 ResNet-18 (default 8)")
+    ap.add_argument(
+        "--vit",
+        action="store_true",
+        help="the stage-1 model is the demo-vit encoder fine-tuned with genaf-stage1 PGD-10 (speed.vit_model) "
+        "instead of the width model (default off)",
+    )
     ap.add_argument("--seeds", default="0,1,2,3,4", help="stage-2 seeds per selection, >= 2 (default 0,1,2,3,4)")
     ap.add_argument("--stage2-epochs", type=int, default=2, help="stage-2 epochs (default 2, the bench's)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default cpu)")
@@ -165,6 +174,8 @@ def main(argv=None) -> int:
         ap.error(f"--seeds wants at least 2 distinct seeds (a standard deviation), got '{a.seeds}'")
     if a.width < 1:
         ap.error(f"--width wants a positive width, got {a.width}")
+    if a.vit and a.width != 8:
+        ap.error("--vit scores the demo-vit model; --width is for the ResNet-18 model: give one of them")
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
     dev = torch.device(a.device)
@@ -196,9 +207,20 @@ def main(argv=None) -> int:
     try:
         data = speed.demo_data(plan, 0)
         # 1. the stage-1 model (seed 0), as speed.py builds it
-        model = timed("stage1_model", lambda: speed.width_model(plan, data, dev, work, 0, width, log=log))
-        tag = f"w{width}-scratch-{'quick' if plan is speed.PLAN['quick'] else 'full'}-seed0"
-        original = load_encoder(f"file:{work / f'encoder-{tag}.safetensors'}")
+        size = "quick" if plan is speed.PLAN["quick"] else "full"
+        if a.vit:
+            model = timed("stage1_model", lambda: speed.vit_model(plan, data, dev, work, 0, log=log))
+            tag = f"vit-pgd10-{size}-seed0"
+            original = load_encoder("demo-vit")
+            what = f"demo-vit + MLP head, genaf-stage1 PGD-10 ({plan['epochs']} epochs; speed.vit_model), seed 0"
+        else:
+            model = timed("stage1_model", lambda: speed.width_model(plan, data, dev, work, 0, width, log=log))
+            tag = f"w{width}-scratch-{size}-seed0"
+            original = load_encoder(f"file:{work / f'encoder-{tag}.safetensors'}")
+            what = (
+                f"ResNet-18 w{width} + MLP head from random weights, genaf-stage1 "
+                f"(1 clean + {plan['epochs']} FGSM-RS epochs, encoder lr 2e-3; speed.width_model), seed 0"
+            )
         # 2. the two selections on one probe
         cfg = GENAF_DEFAULTS
         adv, ys = speed.stage2_probe(model, data, dev, plan["probe"], 0)
@@ -282,14 +304,13 @@ def main(argv=None) -> int:
         },
         "quick": a.quick,
         "setting": {
-            "stage1_model": f"ResNet-18 w{width} + MLP head from random weights, genaf-stage1 "
-            f"(1 clean + {plan['epochs']} FGSM-RS epochs, encoder lr 2e-3; speed.width_model), seed 0",
+            "stage1_model": what,
             "split": plan["demo"],
             "probe": f"{len(adv)} PGD-10 validation examples (speed.stage2_probe, seed 0)",
             "k": k,
             "stage2": f"genaf Stage2, Gen-AF defaults, stage2_epochs {epochs2}, stage2_layers = the selection",
             "daes": f"{', '.join(DAES)} (+ uniform-noise control), cpu preset, eps 16/255, crafted on the "
-            "original (random-weight) encoder from the surrogate reserve",
+            f"original encoder ({'demo-vit' if a.vit else 'the random weights'}) from the surrogate reserve",
             "seeds": seeds,
         },
         "rule": RULE,

@@ -105,24 +105,24 @@ def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data, encoder)
         assert all(torch.equal(after[k], before[k]) for k in after if k.endswith(("pos_embed", "cls_token")))
 
 
-def test_genaf_stage2_layers_fine_tunes_exactly_the_named_layers(tmp_path, tiny_data, monkeypatch):
+def test_genaf_stage2_layers_fine_tunes_exactly_the_named_layers(tmp_path, tiny_data, tiny_encoder, monkeypatch):
     from genaf.methods import stage2_common
+    from genaf.train import TrainConfig, Trainer
 
     def no_scoring(*a, **k):
         raise AssertionError("robust_sensitivity ran although stage2_layers names the layers")
 
     monkeypatch.setattr(stage2_common, "robust_sensitivity", no_scoring)
-    # three layers that are not the k = 2 asked for, one of them in the head (weight and bias)
+    # three layers instead of the k = 2 asked for, one of them in the head (weight and bias)
     given = ["encoder.backbone.conv1", "encoder.backbone.layer4.1.conv2", "head.0"]
-    mc = dict(epochs=1, attack_steps=1, warmup_epochs=0, stage2_epochs=1, probe_size=32, stage2_k=2)
-    out, _ = _run(tmp_path, "genaf", tiny_data, stage2_layers=given, **mc)
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    before = ckpt["artifacts"]["stage1_state"]
-    assert ckpt["artifacts"]["setup"]["stage1:stage2"]["selected"] == given
-    after = load_model(out).state_dict()
-    changed = {k.rsplit(".", 1)[0] for k, v in after.items() if not torch.equal(v, before[k])}
-    assert changed == set(given)
-    assert not (out / "sensitivity.json").exists()  # nothing was scored
+    meth = create_method("genaf", epochs=0, warmup_epochs=0, stage2_epochs=1, stage2_k=2, stage2_layers=given)
+    model = DownstreamModel(tiny_encoder, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(batch_size=64, n_val_robust=16, val_steps=1, augment=False, device="cpu", progress=False)
+    artifacts = Trainer(model, tiny_data, meth, cfg, tmp_path, torch.device("cpu"), log=lambda *_: None).fit()
+    assert artifacts["setup"]["stage1:stage2"] == {"selected": given, "k": 3, "given": True}
+    changed = {k.rsplit(".", 1)[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == set(given)  # weights (and the head's bias) of exactly those; BatchNorm untouched
 
 
 def test_stage2_layers_are_checked_before_training(tmp_path, tiny_data):
