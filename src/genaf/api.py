@@ -79,6 +79,10 @@ def _check_layer_counts(mcfg: dict, model: DownstreamModel) -> None:
         k = int(mcfg.get(key) or 0)
         if k > n:
             raise ConfigError(f"{key}={k} but the model has only {n} Conv2d/Linear layers; choose {key} <= {n}")
+    if mcfg.get("stage2_layers"):
+        from .methods.genaf import check_stage2_layers
+
+        check_stage2_layers(mcfg["stage2_layers"], model)
 
 
 def _warn(log, msg: str) -> None:

@@ -105,6 +105,36 @@ def test_genaf_stage2_changes_only_selected_layers(tmp_path, tiny_data, encoder)
         assert all(torch.equal(after[k], before[k]) for k in after if k.endswith(("pos_embed", "cls_token")))
 
 
+def test_genaf_stage2_layers_fine_tunes_exactly_the_named_layers(tmp_path, tiny_data, tiny_encoder, monkeypatch):
+    from genaf.methods import stage2_common
+    from genaf.train import TrainConfig, Trainer
+
+    def no_scoring(*a, **k):
+        raise AssertionError("robust_sensitivity ran although stage2_layers names the layers")
+
+    monkeypatch.setattr(stage2_common, "robust_sensitivity", no_scoring)
+    # three layers instead of the k = 2 asked for, one of them in the head (weight and bias)
+    given = ["encoder.backbone.conv1", "encoder.backbone.layer4.1.conv2", "head.0"]
+    meth = create_method("genaf", epochs=0, warmup_epochs=0, stage2_epochs=1, stage2_k=2, stage2_layers=given)
+    model = DownstreamModel(tiny_encoder, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(batch_size=64, n_val_robust=16, val_steps=1, augment=False, device="cpu", progress=False)
+    artifacts = Trainer(model, tiny_data, meth, cfg, tmp_path, torch.device("cpu"), log=lambda *_: None).fit()
+    assert artifacts["setup"]["stage1:stage2"] == {"selected": given, "k": 3, "given": True}
+    changed = {k.rsplit(".", 1)[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == set(given)  # weights (and the head's bias) of exactly those; BatchNorm untouched
+
+
+def test_stage2_layers_are_checked_before_training(tmp_path, tiny_data):
+    with pytest.raises(ConfigError, match="list of layer names"):
+        create_method("genaf", stage2_layers="head.3")
+    with pytest.raises(ConfigError, match="more than once"):
+        create_method("genaf", stage2_layers=["head.3", "head.3"])
+    with pytest.raises(ConfigError, match=r"\['head.9'\] not among the model's 23"):
+        _run(tmp_path, "genaf", tiny_data, epochs=1, stage2_layers=["head.3", "head.9"])
+    assert not (tmp_path / "genaf" / "history.json").exists()
+
+
 def _naive_sensitivity(state, data, probe_size, steps, eta, step_size=0.5, seed=0, encoder="random:demo"):
     """ρ of every Conv2d/Linear weight by the definition, one layer at a time, written without
     genaf's shared first step: the stage's own probe recipe (PGD with the run's K, ε, step and

@@ -74,6 +74,10 @@ GENAF_DEFAULTS = dict(
     stage2_epochs=3,
     stage2_k_fraction=0.2,
     stage2_k=0,  # >0 overrides the fraction
+    # names of the Conv2d/Linear modules to fine-tune, given instead of chosen (no scoring, and
+    # stage2_k / stage2_k_fraction are ignored), e.g. to compare two selections from one
+    # stage-1 model (benchmarks/stage2_selection.py); [] = the k least sensitive layers
+    stage2_layers=[],
     stage2_lr=1e-3,
     stage2_weight_decay=8e-4,
     eta=0.1,
@@ -415,11 +419,36 @@ class Stage1(Stage):
         return {"loss": ce_adv + lam * reg, "ce_adv": ce_adv.detach(), "genetic": reg.detach()}
 
 
+def check_stage2_layers(names, model: nn.Module | None = None) -> list[str]:
+    """``stage2_layers``: a list of distinct module names, each (given a model) one of its
+    Conv2d/Linear layers (:func:`~genaf.methods.sensitivity.weight_units`). Returns the names."""
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(
+            f"stage2_layers must be a list of layer names, got {names!r}; "
+            "e.g. --set 'stage2_layers=[head.3,head.6]' ([] selects by robust sensitivity)"
+        )
+    dup = sorted({n for n in names if list(names).count(n) > 1})
+    if dup:
+        raise ConfigError(f"stage2_layers names {dup} more than once; name each layer once")
+    if model is not None:
+        from .sensitivity import weight_units
+
+        units = list(weight_units(model))
+        bad = [n for n in names if n not in units]
+        if bad:
+            raise ConfigError(
+                f"stage2_layers: {bad} not among the model's {len(units)} Conv2d/Linear layers "
+                f"({', '.join(units[:3])}, ..., {units[-1]}); use those names"
+            )
+    return list(names)
+
+
 class Stage2(SelectiveFineTuning):
     """Score every Conv2d/Linear layer, then fine-tune only the k most robust-redundant ones
     on clean data with every other parameter and every BatchNorm statistic frozen; with
     ``evolution``, interpolate with the stage-1 weights (the shared machinery is in
-    :mod:`genaf.methods.stage2_common`, which RiFT uses as well)."""
+    :mod:`genaf.methods.stage2_common`, which RiFT uses as well). With ``stage2_layers`` the
+    named layers are fine-tuned instead, and nothing is scored."""
 
     name = "stage2"
     label = "stage 2"
@@ -428,6 +457,14 @@ class Stage2(SelectiveFineTuning):
     def n_selected(self, n_units: int) -> int:
         c = self.cfg
         return int(c["stage2_k"]) if c["stage2_k"] else max(1, int(c["stage2_k_fraction"] * n_units))
+
+    def setup(self, model, ctx):
+        names = self.cfg.get("stage2_layers") or []
+        if not names:
+            return super().setup(model, ctx)
+        self.selected = check_stage2_layers(names, model)
+        ctx.log(f"{self.label}: fine-tuning the {len(names)} layers named by stage2_layers: {', '.join(names)}")
+        return {"selected": list(self.selected), "k": len(self.selected), "given": True}
 
     def optimizer(self, params):
         return ParamGroup("selected", params, self.cfg["stage2_lr"], self.cfg["stage2_weight_decay"], 1.0)
@@ -476,6 +513,10 @@ class GenAF(GenAFStage1):
     @classmethod
     def default_config(cls):
         return dict(GENAF_DEFAULTS)
+
+    def validate(self):
+        super().validate()
+        check_stage2_layers(self.cfg["stage2_layers"])
 
     def stages(self):
         out = super().stages()
