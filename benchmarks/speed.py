@@ -1014,11 +1014,11 @@ def bench_stage2(models: dict, data, dev, probe_size: int, seed: int, log=print,
 
 # Scorer settings scored beside the default on every model (same probe, same reference): the
 # default before run 6 (benchmarks/RESULTS.md), so a rerun shows both, and two settings that
-# agree 4 of 4 on the demo ViT where the default agrees 2 of 4, at ~14x instead of ~20x (run 7).
+# agree 4 of 4 on the demo ViT where the default agrees 2 of 4, at ~14x instead of ~20x (run 8).
 STAGE2_VARIANTS = {
     "2 steps of 0.5 radius, fraction 0.25 (before run 6)": {"steps": 2, "step_size": 0.5, "ascent_fraction": 0.25},
-    "3 steps of 1.0 radius, fraction 0.5 (run 7)": {"steps": 3, "step_size": 1.0, "ascent_fraction": 0.5},
-    "2 steps of 1.0 radius, whole probe (run 7)": {"steps": 2, "step_size": 1.0, "ascent_fraction": 1.0},
+    "3 steps of 1.0 radius, fraction 0.5 (run 8)": {"steps": 3, "step_size": 1.0, "ascent_fraction": 0.5},
+    "2 steps of 1.0 radius, whole probe (run 8)": {"steps": 2, "step_size": 1.0, "ascent_fraction": 1.0},
 }
 
 

@@ -13,7 +13,7 @@ What it does (all on the CPU unless ``--device cuda``; ``speed`` is benchmarks/s
    epochs, encoder lr 2e-3). The model of benchmarks/RESULTS.md run 6 on which genaf's scorer
    agrees with the reference on only 2 of 4 layers. With ``--vit``: ``speed.vit_model``, the
    shipped ``demo-vit`` encoder fine-tuned with ``genaf-stage1`` PGD-10 as speed.py's stage2
-   part scores it (run 7: 2 of 4 layers there too). Cached in ``--work``.
+   part scores it (run 8: 2 of 4 layers there too). Cached in ``--work``.
 2. Its probe (``speed.stage2_probe``: PGD-10 at 8/255 on the first 256 validation images),
    genaf's robust sensitivity with the Gen-AF defaults (the call of ``speed.score_stage2``)
    and the reference procedure (``speed.reference_sensitivity``); each selection is the
