@@ -52,8 +52,21 @@ MARK = re.compile(r"^<!--\s*not run in tests:\s*(.*?)\s*-->$")
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 # The first word of a line that makes it a command (after VAR=value assignments).
-COMMAND_WORDS = {"genaf", "python", "python3", "pip", "pip3", "pytest", "ruff", "bash", "torchrun", "sbatch",
-                 "srun", "apt-get", "OMP_NUM_THREADS=1"}
+COMMAND_WORDS = {
+    "genaf",
+    "python",
+    "python3",
+    "pip",
+    "pip3",
+    "pytest",
+    "ruff",
+    "bash",
+    "torchrun",
+    "sbatch",
+    "srun",
+    "apt-get",
+    "OMP_NUM_THREADS=1",
+}
 
 # Size flags appended to a command (argparse keeps the last value of a flag).
 SMALL_FLAGS = {
@@ -63,8 +76,15 @@ SMALL_FLAGS = {
 }
 SMALL_ITERATIONS = 4
 # Python blocks: size keywords and their small values.
-SMALL_PYTHON = {"n_train": 64, "n_val": 16, "n_test": 16, "epochs": 1, "stage2_epochs": 1,
-                "iterations": SMALL_ITERATIONS, "n_images": 64}
+SMALL_PYTHON = {
+    "n_train": 64,
+    "n_val": 16,
+    "n_test": 16,
+    "epochs": 1,
+    "stage2_epochs": 1,
+    "iterations": SMALL_ITERATIONS,
+    "n_images": 64,
+}
 SMALL_SURROGATE = 32
 # bench configs: sizes of the one dataset, the surrogate count, and epoch-like method options.
 SMALL_BENCH_DATA = {"n_train": 64, "n_val": 16, "n_test": 16}
@@ -122,7 +142,7 @@ def parse(doc: str, text: str | None = None) -> list[Block]:
         j = i + 1
         while j < len(lines) and lines[j].strip() != "```":
             j += 1
-        body = [ln[len(indent):] if ln.startswith(indent) else ln.lstrip() for ln in lines[i + 1 : j]]
+        body = [ln[len(indent) :] if ln.startswith(indent) else ln.lstrip() for ln in lines[i + 1 : j]]
         before = next((lines[k].strip() for k in range(i - 1, -1, -1) if lines[k].strip()), "")
         blocks.append(Block(doc, i + 1, j + 1, lang, "\n".join(body) + "\n", before))
         i = j + 1
@@ -336,8 +356,10 @@ def test_every_block_is_run_or_marked():
                     try:
                         runnable(argv, heredoc)
                     except NotRunnable as exc:
-                        problems.append(f"{b.doc}:{line}: {exc}; make it run here, or mark its block with "
-                                        "<!-- not run in tests: REASON --> on the line before")
+                        problems.append(
+                            f"{b.doc}:{line}: {exc}; make it run here, or mark its block with "
+                            "<!-- not run in tests: REASON --> on the line before"
+                        )
     assert not problems, "\n".join(problems)
     # the not-run list stays short: GPU, network, SLURM, the hour-long runs, the suite itself
     assert len(marked) <= 8, "\n".join(marked)
@@ -381,8 +403,13 @@ def test_the_harness_itself():
     with pytest.raises(NotRunnable, match="small setting"):
         runnable(["genaf", "demo", "--out", "x"], None)
     # continuation lines, comments, quoting, VAR=value prefixes, heredocs, transcripts
-    cmds = shell_commands(parse("s.md", "```bash\nOMP_NUM_THREADS=1 genaf inspect 'a?b=c' \\\n  --json  # note\n"
-                                "python - <<'EOF'\nprint(1)\nEOF\n```\n")[0])
+    cmds = shell_commands(
+        parse(
+            "s.md",
+            "```bash\nOMP_NUM_THREADS=1 genaf inspect 'a?b=c' \\\n  --json  # note\n"
+            "python - <<'EOF'\nprint(1)\nEOF\n```\n",
+        )[0]
+    )
     assert [(c[1], c[2], c[3]) for c in cmds] == [
         (["genaf", "inspect", "a?b=c", "--json"], {"OMP_NUM_THREADS": "1"}, None),
         (["python", "-"], {}, "print(1)\n"),
@@ -432,7 +459,8 @@ def test_doc_blocks_run(doc, tmp_path, monkeypatch):
             if b.output is not None:
                 assert same_output(b.output.text, printed, b.fuzzy), (
                     f"{b.where} printed\n{printed}\nbut {b.output.where} shows\n{b.output.text}"
-                    + (" (numbers checked by shape)" if b.fuzzy else ""))
+                    + (" (numbers checked by shape)" if b.fuzzy else "")
+                )
         else:
             for line, argv, env, heredoc, expected in shell_commands(b):
                 where = f"{doc}:{line}"
@@ -445,7 +473,8 @@ def test_doc_blocks_run(doc, tmp_path, monkeypatch):
                 rc, out = run_genaf(small_argv(argv[1:], tmp_path))
                 if expected is not None:  # a transcript: the output shown, and an error's exit code 2
                     assert same_output("\n".join(expected), out, fuzzy=False), (
-                        f"{where}: `{shlex.join(argv)}` printed\n{out}\nbut the doc shows\n" + "\n".join(expected))
+                        f"{where}: `{shlex.join(argv)}` printed\n{out}\nbut the doc shows\n" + "\n".join(expected)
+                    )
                     assert rc == (2 if any(": error:" in e for e in expected) else 0), f"{where}: exit code {rc}"
                 else:
                     assert rc == 0, f"{where}: `{shlex.join(argv)}` exited {rc}:\n{out[-3000:]}"
