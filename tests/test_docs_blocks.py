@@ -33,7 +33,7 @@ import io
 import re
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -109,7 +109,6 @@ class Block:
     kind: str | None = None  # python, shell, transcript; None: not code (output, usage, tables)
     output: Block | None = None  # a ```text block showing what this block prints
     fuzzy: bool = False  # the output's numbers are checked by shape
-    commands: list = field(default_factory=list)
 
     @property
     def where(self) -> str:
