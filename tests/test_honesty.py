@@ -316,8 +316,19 @@ def test_public_names_are_the_documented_functions():
     import importlib
     import pkgutil
 
+    import genaf.api
+
+    functions = ("load_encoder", "load_dataset", "load_model", "finetune", "craft", "evaluate", "export")
+    # a submodule named like a function would replace it on the package once imported
+    assert not {m.name for m in pkgutil.iter_modules(genaf.__path__)} & set(functions)
     for info in pkgutil.walk_packages(genaf.__path__, "genaf."):
         if not info.name.endswith("__main__"):
             importlib.import_module(info.name)
-    for name in ("load_encoder", "load_dataset", "load_model", "finetune", "craft", "evaluate"):
+    for name in functions:
+        assert getattr(genaf, name) is getattr(genaf.api, name), name
         assert callable(getattr(genaf, name)) and not isinstance(getattr(genaf, name), type(genaf)), name
+        assert name in genaf.__all__, name
+    # genaf.attacks is the subpackage with the torchattacks-style objects the README uses
+    assert genaf.attacks is importlib.import_module("genaf.attacks") and "attacks" in genaf.__all__
+    for name in ("PGD", "FGSM", "Universal", "Perturbation", "pgd", "fgsm"):
+        assert callable(getattr(genaf.attacks, name)), name

@@ -18,6 +18,7 @@ __all__ = [
     "craft",
     "evaluate",
     "export",
+    "attacks",
 ]
 
 

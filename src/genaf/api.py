@@ -96,6 +96,10 @@ def _warn(log, msg: str) -> None:
         print(f"genaf: {msg}", file=sys.stderr)
 
 
+def _silent(*_args, **_kwargs) -> None:
+    """A log that drops every line (``log=None``)."""
+
+
 def weight_drift(model: DownstreamModel, start: dict[str, torch.Tensor]) -> float:
     """Relative encoder weight drift ``‖θ − θ0‖ / ‖θ0‖`` over floating-point parameters."""
     num = den = 0.0
@@ -128,7 +132,12 @@ def finetune(
     ``history.json`` and, for ``genaf``, ``sensitivity.json``. ``checkpoint.pt`` (the full
     training state, written atomically after every epoch) is removed once the run has finished,
     unless ``train={"keep_checkpoint": True}``. Returns the metrics dict.
+
+    ``log`` receives each progress line (default ``print``); ``log=None`` runs silently
+    (warnings still go to stderr).
     """
+    if log is None:
+        log = _silent
     cfg = resolve(
         config,
         encoder=encoder,
