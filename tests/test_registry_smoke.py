@@ -7,7 +7,7 @@ runs on a tiny random-weight encoder written to a local file by :data:`ENCODERS`
 budget cut to one step (:data:`TINY_METHOD`, :data:`TINY_ATTACK`: each key is applied where the
 entry has that option).
 
-To add an encoder family (a timm or Hugging Face ViT), add ``ENCODERS[name] = factory`` where
+The families: genaf's ResNet and ViT, timm's ViT and ConvNeXt, a Hugging Face ViT. To add one, add ``ENCODERS[name] = factory`` where
 ``factory(folder) -> spec`` writes a tiny random-weight encoder there and returns its spec.
 """
 
@@ -32,6 +32,8 @@ from genaf.models import load_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 16  # image side: a multiple of the ViT's 4-pixel patch, not its 28-pixel training size
+# Encoders that need more: ConvNeXt downsamples 32x (a 4x stem and three 2x stages), so 32 px.
+SIZES = {"timm-convnext": 32}
 
 
 def _write(folder: Path, name: str, meta: dict, seed: int = 0) -> str:
@@ -86,8 +88,23 @@ def tiny_hf_vit(folder: Path) -> str:
     return f"hf:{target}"
 
 
+def tiny_timm_convnext(folder: Path) -> str:
+    """timm's own ``test_convnext`` (a ConvNeXt-style CNN: LayerNorm, depthwise convolutions, stages),
+    random weights saved as safetensors and read back through the ``timm:`` scheme."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model("test_convnext", pretrained=False, num_classes=0)
+    path = folder / "timm-test_convnext.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return f"timm:test_convnext:{path}"
+
+
 ENCODERS: dict[str, Callable[[Path], str]] = {
     "resnet": tiny_resnet,
+    "timm-convnext": tiny_timm_convnext,
     "vit": tiny_vit,
     "timm-vit": tiny_timm_vit,
     "hf-vit": tiny_hf_vit,
@@ -133,8 +150,17 @@ def test_skip_list_is_small_and_names_real_entries():
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_dataset("fashion-mnist-demo", image_size=SIZE, n_train=32, n_val=16, n_test=32, seed=0)
+def datasets():
+    """The tiny split at each encoder's image size (made once per size)."""
+    made: dict[int, object] = {}
+
+    def get(encoder: str):
+        size = SIZES.get(encoder, SIZE)
+        if size not in made:
+            made[size] = load_dataset("fashion-mnist-demo", image_size=size, n_train=32, n_val=16, n_test=32, seed=0)
+        return made[size]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +188,8 @@ def _tiny(options: dict, tiny: dict) -> dict:
 
 @pytest.mark.parametrize("encoder", list(ENCODERS))
 @pytest.mark.parametrize("method", [m for m in method_names() if m not in SKIP])
-def test_every_method_runs(tmp_path, data, specs, encoder, method):
+def test_every_method_runs(tmp_path, datasets, specs, encoder, method):
+    data = datasets(encoder)
     mc = _tiny(create_method(method).cfg, TINY_METHOD)
     out = tmp_path / "run"
     m = api.finetune(
@@ -172,7 +199,7 @@ def test_every_method_runs(tmp_path, data, specs, encoder, method):
         out,
         method_config=mc,
         train=dict(TINY_TRAIN),
-        data={"n_train": 32, "n_val": 16, "n_test": 32, "image_size": SIZE},
+        data={"n_train": 32, "n_val": 16, "n_test": 32, "image_size": SIZES.get(encoder, SIZE)},
         datamodule=data,
         log=lambda *_: None,
     )
@@ -186,7 +213,9 @@ def test_every_method_runs(tmp_path, data, specs, encoder, method):
 
 @pytest.mark.parametrize("encoder", list(ENCODERS))
 @pytest.mark.parametrize("attack", [a for a in attack_names() if a not in SKIP])
-def test_every_attack_runs(data, specs, encoder, attack):
+def test_every_attack_runs(datasets, specs, encoder, attack):
+    data = datasets(encoder)
+    size = SIZES.get(encoder, SIZE)
     enc = load_encoder(str(specs[encoder]))
     cls = _ATTACKS[attack]
     preset = cls.presets["cpu"]
@@ -195,7 +224,7 @@ def test_every_attack_runs(data, specs, encoder, attack):
     x = sur.float_images()[:8]
     if hasattr(cls, "fit"):
         pert = api.craft(enc, attack, sur, eps=preset["eps"], device="cpu", **over)
-        assert tuple(pert.delta.shape[-2:]) == (SIZE, SIZE)
+        assert tuple(pert.delta.shape[-2:]) == (size, size)
         assert torch.isfinite(pert.delta).all()
         x_adv = pert.apply(x)
         if pert.kind == "additive":
