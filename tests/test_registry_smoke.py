@@ -7,8 +7,9 @@ runs on a tiny random-weight encoder written to a local file by :data:`ENCODERS`
 budget cut to one step (:data:`TINY_METHOD`, :data:`TINY_ATTACK`: each key is applied where the
 entry has that option).
 
-The families: genaf's ResNet and ViT, timm's ViT and ConvNeXt, a Hugging Face ViT. To add one, add ``ENCODERS[name] = factory`` where
-``factory(folder) -> spec`` writes a tiny random-weight encoder there and returns its spec.
+The families: genaf's ResNet and ViT, timm's ViT and ConvNeXt, a Hugging Face ViT. To add one,
+add ``ENCODERS[name] = factory`` where ``factory(folder) -> spec`` writes a tiny random-weight
+encoder there and returns its spec.
 """
 
 from __future__ import annotations

@@ -319,6 +319,12 @@ def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, 
     t0 = time.time()
     with deterministic_mode(tcfg.deterministic) as determinism:
         trainer = Trainer(model, dm, meth, tcfg, out, device, log=log)
+        if not resume:  # a long run says so before it starts (genaf.estimate)
+            from .estimate import announce_cost
+
+            note = announce_cost(trainer.model, trainer.data, trainer.stages, meth.cfg, tcfg.batch_size, trainer.device)
+            if note:
+                _warn(log, note)
         artifacts = trainer.fit(resume=resume)
         seconds = time.time() - t0
         model.to("cpu").to(memory_format=torch.contiguous_format)
