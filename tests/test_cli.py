@@ -119,6 +119,15 @@ def test_attack_then_evaluate_adds_every_entry(tmp_path, capsys, one_thread):
     with pytest.raises(SystemExit) as bad:
         main(ev[:-3] + ["--autoattack", "strong"])
     assert bad.value.code == 2 and "invalid choice: 'strong'" in capsys.readouterr().err
+    # another perturbation of the same name, evaluated in a later call: refused, the first entry kept
+    other = tmp_path / "other" / "patch.safetensors"
+    other.parent.mkdir()
+    assert main(craft + ["--out", str(other), "--device", "cpu", "--seed", "1"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(run_dir), "--perturbation", str(other), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds an entry 'patch' measured with another perturbation (seed 0, now 1)" in err
+    assert json.loads((run_dir / "metrics.json").read_text())["attacks"]["patch"]["seed"] == 0
 
 
 def test_finetune_states_the_defaults_it_was_not_given(tmp_path, capsys):

@@ -288,6 +288,27 @@ def check_same_encoder_files(saved: dict, cfg: dict, out: Path) -> None:
             )
 
 
+# What makes two entries of one name the same perturbation (re-evaluating it updates the entry).
+_SAME_ENTRY = ("type", "attack", "eps", "kind", "surrogate", "encoder_hash", "seed", "preset")
+
+
+def check_no_name_collision(old: dict, new: dict, where: Path) -> None:
+    """Refuse to replace a recorded entry with a *different* perturbation of the same name (e.g.
+    ``a/ssp.safetensors`` then ``b/ssp.safetensors`` evaluated in two calls): the first result would
+    silently vanish. The same perturbation evaluated again updates its entry."""
+    for name, desc in new.items():
+        before = old.get(name)
+        if not before:
+            continue
+        diff = [k for k in _SAME_ENTRY if k in before and k in desc and before[k] != desc[k]]
+        if diff:
+            k = diff[0]
+            raise ConfigError(
+                f"{where} already holds an entry '{name}' measured with another perturbation ({k} {before[k]!r}, "
+                f"now {desc[k]!r}); rename the file (the entry takes its name) or evaluate into another --out FILE"
+            )
+
+
 def run_lock(out: Path):
     """An exclusive lock on a run folder for the duration of a fine-tune: a second genaf on the
     same --out is refused at once instead of both writing into it."""
@@ -664,6 +685,7 @@ def evaluate(
             f"clean accuracy of {run_dir} on its {split} split changed on re-evaluation "
             f"({section['clean_acc']:.4f} -> {new['clean_acc']:.4f}); is the data the same?"
         )
+    check_no_name_collision(section.get("attacks") or {}, new["attacks"], metrics_path)
     for k in ("robust_acc", "fooling_rate", "attack_success_rate", "relative_decline", "attacks"):
         section.setdefault(k, {}).update(new[k])
     if "checks" in new:
