@@ -135,6 +135,7 @@ def test_finetune_states_the_defaults_it_was_not_given(tmp_path, capsys):
     unknown method option before any data is read; the line comes first)."""
     argv = ["finetune", "--encoder", "random:demo", "--set", "nosuch=1", "--out", str(tmp_path / "r")]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "not given, so the defaults: --dataset fashion-mnist --method genaf" in err
-    assert "--encoder" not in err.split("defaults:")[1].splitlines()[0]
+    cap = capsys.readouterr()
+    assert "not given, so the defaults: --dataset fashion-mnist --method genaf" in cap.out
+    assert "--encoder" not in cap.out.split("defaults:")[1].splitlines()[0]
+    assert cap.err.count("\n") == 1 and "nosuch" in cap.err  # the error stays one line on stderr

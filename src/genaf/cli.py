@@ -548,7 +548,7 @@ def cmd_finetune(a) -> int:
     given = {k for k in ("encoder", "dataset", "method") if getattr(a, k) is not None or k in (file_cfg or {})}
     defaulted = [f"--{k} {cfg[k]}" for k in ("encoder", "dataset", "method") if k not in given]
     if defaulted:  # stated, never silent: a forgotten --dataset is not a quiet Fashion-MNIST run
-        print(f"genaf finetune: not given, so the defaults: {' '.join(defaulted)}", file=sys.stderr)
+        print(f"genaf finetune: not given, so the defaults: {' '.join(defaulted)}")  # stdout: stderr is for errors
     m = api.finetune(
         cfg["encoder"],
         cfg["dataset"],
