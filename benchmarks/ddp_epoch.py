@@ -1,5 +1,7 @@
 """One training epoch in one process against the same epoch data-parallel in N processes
-(torchrun, gloo on the CPU, one thread each), and the share of the epoch spent in collectives.
+(torchrun, gloo on the CPU, one thread each), with BatchNorm on the global batch's statistics
+(``--ddp-batchnorm global``, the default) and on each process's own (``rank``), and the share of
+the epoch spent in collectives.
 
     python benchmarks/ddp_epoch.py --out ddp-epoch.json [--procs 2] [--work DIR]
 
@@ -106,18 +108,24 @@ def main() -> int:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     one = run(1, work / "one", extra)
     many = run(a.procs, work / f"procs{a.procs}", extra)
+    local = run(a.procs, work / f"procs{a.procs}-rank-bn", extra + ["--ddp-batchnorm", "rank"])
     out = {
         "date_utc": started,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
         "setting": {"n_train": a.n_train, "batch_size": a.batch_size, "attack_steps": a.attack_steps},
         "one_process": one,
         "data_parallel": many,
+        "data_parallel_rank_batchnorm": local,
         "epoch_speedup": round(one["epoch_seconds"] / many["epoch_seconds"], 3),
+        "epoch_speedup_rank_batchnorm": round(one["epoch_seconds"] / local["epoch_seconds"], 3),
     }
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     print(
         f"1 process: epoch {one['epoch_seconds']} s; {a.procs} processes: epoch {many['epoch_seconds']} s "
-        f"(speed-up {out['epoch_speedup']}); collectives {many.get('epoch_communication_share')} of the epoch"
+        f"(speed-up {out['epoch_speedup']}); collectives {many.get('epoch_communication_share')} of the epoch; "
+        f"with per-process BatchNorm: epoch {local['epoch_seconds']} s "
+        f"(speed-up {out['epoch_speedup_rank_batchnorm']}), "
+        f"collectives {local.get('epoch_communication_share')}"
     )
     return 0
 

@@ -154,12 +154,6 @@ class Team:
         got = dict(zip(keys, t.tolist()))
         return {k: float(got[k]) for k in values}  # in the caller's order
 
-    def sum_with_grad(self, t: torch.Tensor, kind: str = "other") -> torch.Tensor:
-        """``Σ_processes t`` with autograd (the backward sums the gradients across processes)."""
-        if not self.distributed:
-            return t
-        return _SumAcross.apply(t, self, kind)
-
     def gather_rows(self, t: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """Every process's rows of ``t`` concatenated in rank order (the sizes may differ).
 
@@ -294,23 +288,6 @@ class _GatherRows(torch.autograd.Function):
         return g[start : start + ctx.sizes[team.rank]], None
 
 
-class _SumAcross(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, team, kind):
-        ctx.team, ctx.kind = team, kind
-        out = t.detach().clone()
-        with team._timed(kind):
-            _all_reduce(team, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous().clone()
-        with ctx.team._timed(ctx.kind):
-            _all_reduce(ctx.team, g)
-        return g, None, None
-
-
 def _all_reduce(team: Team, t: torch.Tensor) -> None:
     if t.device == team.comm_device:
         _dist().all_reduce(t)
@@ -384,11 +361,65 @@ def check_train_split(n_train: int, batch_size: int, team: Team) -> None:
 
 
 # ---------------------------------------------------------------------- BatchNorm
+class _GlobalBatchNormFn(torch.autograd.Function):
+    """Batch normalisation with the statistics of the global batch: one all-reduce in the forward
+    (per channel Σx, Σx² and the count, accumulated in float64) and one in the backward (Σg and
+    Σg·x̂ of every process's gradient), as torch's SyncBatchNorm does on CUDA. The gradients of
+    γ and β are this process's own sums: DDP averages them with the others'."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, team: Team):
+        c = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        work = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(work)
+        stats = torch.cat(
+            [
+                xf.sum(dims, dtype=torch.float64),
+                (xf * xf).sum(dims, dtype=torch.float64),
+                torch.tensor([x.numel() // c], dtype=torch.float64, device=x.device),
+            ]
+        )
+        with team._timed("batchnorm"):
+            _all_reduce(team, stats)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises
+        invstd = torch.rsqrt(var + eps)
+        xhat = (xf - mean.to(work).view(shape)) * invstd.to(work).view(shape)
+        out = xhat if weight is None else xhat * weight.to(work).view(shape) + bias.to(work).view(shape)
+        ctx.save_for_backward(xhat, invstd, weight)
+        ctx.team, ctx.dims, ctx.shape, ctx.n, ctx.in_dtype = team, dims, shape, n, x.dtype
+        summary = torch.cat([mean, var, n.view(1)])
+        ctx.mark_non_differentiable(summary)
+        return out, summary
+
+    @staticmethod
+    def backward(ctx, g, _summary):
+        xhat, invstd, weight = ctx.saved_tensors
+        dims, shape, c = ctx.dims, ctx.shape, xhat.shape[1]
+        g = g.to(xhat.dtype)
+        local = torch.cat([g.sum(dims, dtype=torch.float64), (g * xhat).sum(dims, dtype=torch.float64)])
+        grad_w = grad_b = None
+        if weight is not None:
+            grad_b, grad_w = local[:c].to(weight.dtype), local[c:].to(weight.dtype)
+        total = local.clone()
+        with ctx.team._timed("batchnorm"):
+            _all_reduce(ctx.team, total)
+        mean_g = (total[:c] / ctx.n).to(xhat.dtype).view(shape)
+        mean_gx = (total[c:] / ctx.n).to(xhat.dtype).view(shape)
+        scale = invstd if weight is None else invstd * weight.double()
+        grad_x = (g - mean_g - xhat * mean_gx) * scale.to(xhat.dtype).view(shape)
+        return grad_x.to(ctx.in_dtype), grad_w, grad_b, None, None
+
+
 class _GlobalBatchNormMixin:
     """Train mode: normalise with the mean and (biased) variance of the global batch, summed
-    across the processes (two all-reduces per call and two in the backward), and update the
-    running statistics with them, exactly as one process holding the global batch would (up to
-    float summation order). Eval mode, or outside a team: the class's own forward."""
+    across the processes (:class:`_GlobalBatchNormFn`: one all-reduce per call and one in the
+    backward), and update the running statistics with them, as one process holding the global
+    batch would (up to float summation order). Eval mode, or outside a team: the class's own
+    forward."""
 
     _genaf_team: Team | None = None
 
@@ -397,19 +428,9 @@ class _GlobalBatchNormMixin:
         if not self.training or team is None or not team.distributed:
             return super().forward(x)
         self._check_input_dim(x)
-        dims = [0, *range(2, x.dim())]
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        work = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(work)
-        local = torch.cat([xf.sum(dims).double(), xf.new_tensor([x.numel() // x.shape[1]], dtype=torch.float64)])
-        total = team.sum_with_grad(local, "batchnorm")
-        count = total[-1]
-        mean = (total[:-1] / count).to(work)
-        centred = xf - mean.view(shape)
-        var = (team.sum_with_grad((centred * centred).sum(dims).double(), "batchnorm") / count).to(work)
-        out = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
+        c = x.shape[1]
+        weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+        out, summary = _GlobalBatchNormFn.apply(x, weight, bias, self.eps, team)
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 factor = 0.0 if self.momentum is None else self.momentum
@@ -417,9 +438,9 @@ class _GlobalBatchNormMixin:
                     self.num_batches_tracked.add_(1)
                     if self.momentum is None:
                         factor = 1.0 / float(self.num_batches_tracked)
-                n = float(count)
-                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
-                self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
+                mean, var, n = summary[:c], summary[c : 2 * c], float(summary[-1])
+                unbiased = var * (n / max(n - 1.0, 1.0))
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
         return out
 
