@@ -24,6 +24,7 @@ from .attacks.universal import encoder_hash
 from .config import resolve
 from .data import DataModule, ImageSet, load_dataset
 from .data.module import small_split_warning
+from .distributed import SOLO, check_global_batch, check_train_split, init_team, launched
 from .encoders import Encoder, load_encoder
 from .encoders.base import check_image_size, warn_native_size
 from .errors import CheckpointError, ConfigError, DataError, first_line
@@ -150,7 +151,8 @@ def finetune(
     )
     out = Path(out)
     check_seed(cfg["seed"])
-    check_run_dir(out, resume)
+    if not launched():  # under torchrun: on rank 0, once the process group runs (below)
+        check_run_dir(out, resume)
     meth = create_method(cfg["method"], **cfg["method_config"])
     cfg["method_config"] = dict(meth.cfg)
     from .config import typed_fields
@@ -158,10 +160,29 @@ def finetune(
     tcfg = TrainConfig(**{"seed": cfg["seed"], **typed_fields(TrainConfig, cfg["train"], "train")})
     tcfg.validate()
     cfg["train"] = {k: getattr(tcfg, k) for k in tcfg.__dataclass_fields__}
-    saved = _saved_config(out) if resume else None
+    team = SOLO
+    if launched():  # torchrun: one of several processes (genaf.distributed, docs/DISTRIBUTED.md)
+        team, _ = init_team(resolve_device(tcfg.device), tcfg.dist_backend)
+    try:
+        return _finetune_team(cfg, meth, tcfg, out, resume, datamodule, log, team)
+    finally:
+        team.close()
+
+
+def _finetune_team(cfg, meth, tcfg, out: Path, resume: bool, datamodule, log, team) -> dict:
+    """``finetune`` once the configuration is resolved: on one process, or on each of a torchrun
+    run's (files are checked and written by rank 0 only; every process trains its share)."""
+    if team.distributed:
+        team.on_main(check_run_dir, out, resume)
+        check_global_batch(tcfg.batch_size, team)
+        if not team.is_main:
+            log = _silent
+    saved = team.on_main(_saved_config, out) if resume else None
+    if team.distributed and resume:
+        saved = team.broadcast_json(saved)
     if saved is not None:
         check_same_run(saved, cfg, out)
-    device = resolve_device(tcfg.device)
+    device = team.device if team.distributed else resolve_device(tcfg.device)
     seed_everything(cfg["seed"])
     enc = load_encoder(cfg["encoder"])
     dm = datamodule if datamodule is not None else data_from_config(cfg)
@@ -174,12 +195,23 @@ def finetune(
     if saved is not None:
         check_same_data(saved, cfg, out)
         check_same_encoder_files(saved, cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = run_lock(out)
+    if team.distributed:
+        check_train_split(len(dm.train), tcfg.batch_size, team)
+
+    def lock_run():
+        out.mkdir(parents=True, exist_ok=True)
+        return run_lock(out)
+
+    lock = team.on_main(lock_run)
     try:
-        return _finetune_locked(cfg, meth, tcfg, device, enc, dm, out, resume, log)
+        return _finetune_locked(cfg, meth, tcfg, device, enc, dm, out, resume, log, team)
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
+
+
+def _silent(*_a, **_k) -> None:
+    pass
 
 
 # Options that may differ on --resume: where the run executes and how it reports, not what it computes.
@@ -187,6 +219,7 @@ RESUME_FREE = {
     ("train", "device"),
     ("train", "progress"),
     ("train", "logger"),
+    ("train", "dist_backend"),
     ("data", "root"),
     ("data", "download"),
 }
@@ -327,20 +360,22 @@ def run_lock(out: Path):
     return fh
 
 
-def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, log) -> dict:
-    atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg, sort_keys=False)))
+def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, log, team=SOLO) -> dict:
+    main = team.is_main  # under torchrun only rank 0 writes files
+    if main:
+        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg, sort_keys=False)))
     torch.manual_seed(unit_seed(cfg["seed"], "head-init"))
     model = DownstreamModel(enc, dm.num_classes, cfg["head"])
     _check_layer_counts(meth.cfg, model)
     start = {k: v.detach().clone() for k, v in model.encoder.named_parameters()}
     start_hash = encoder_hash(enc)
     warn = small_split_warning(f"validation split of {dm.name}", len(dm.val))
-    if warn:
+    if warn and main:
         _warn(log, warn)
     t0 = time.time()
     with deterministic_mode(tcfg.deterministic) as determinism:
-        trainer = Trainer(model, dm, meth, tcfg, out, device, log=log)
-        if not resume:  # a long run says so before it starts (genaf.estimate)
+        trainer = Trainer(model, dm, meth, tcfg, out, device, log=log, team=team)
+        if not resume and team.is_main:  # a long run says so before it starts (genaf.estimate)
             from .estimate import announce_cost
 
             note = announce_cost(trainer.model, trainer.data, trainer.stages, meth.cfg, tcfg.batch_size, trainer.device)
@@ -349,11 +384,12 @@ def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, 
         artifacts = trainer.fit(resume=resume)
         seconds = time.time() - t0
         model.to("cpu").to(memory_format=torch.contiguous_format)
-        save_model(model, out)
-        write_json(out / "history.json", trainer.history)
-        for key, setup in artifacts.get("setup", {}).items():
-            if "sensitivity" in setup:
-                write_json(out / "sensitivity.json", {**setup, **artifacts.get("finish", {}).get(key, {})})
+        if main:
+            save_model(model, out)
+            write_json(out / "history.json", trainer.history)
+            for key, setup in artifacts.get("setup", {}).items():
+                if "sensitivity" in setup:
+                    write_json(out / "sensitivity.json", {**setup, **artifacts.get("finish", {}).get(key, {})})
         res = evaluate_model(
             model.to(device),
             dm.test,
@@ -362,6 +398,7 @@ def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, 
             batch_size=cfg["eval"]["batch_size"],
             seed=cfg["seed"],
             log=log,
+            parallel=team,
         )
     if determinism["nondeterministic_ops"]:
         _warn(log, "deterministic mode: ops without a deterministic kernel ran: " + "; ".join(
@@ -383,10 +420,22 @@ def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, 
         "determinism": determinism,
         "versions": versions(),
     }
-    write_json(out / "predictions.json", res["per_sample"])
-    write_json(out / "metrics.json", metrics)
-    if not tcfg.keep_checkpoint:  # the run is complete: its final model and metrics are on disk
-        (out / "checkpoint.pt").unlink(missing_ok=True)
+    if team.distributed:
+        metrics["distributed"] = {
+            **team.describe(),
+            "per_process_batch": tcfg.batch_size // team.world,
+            "ddp_batchnorm": tcfg.ddp_batchnorm,
+            **trainer.parallel_info,
+            **({"genetic_batch": meth.cfg["genetic_batch"]} if "genetic_batch" in meth.cfg else {}),
+            "communication": team.communication(),
+        }
+    if main:
+        write_json(out / "predictions.json", res["per_sample"])
+        write_json(out / "metrics.json", metrics)
+        if not tcfg.keep_checkpoint:  # the run is complete: its final model and metrics are on disk
+            (out / "checkpoint.pt").unlink(missing_ok=True)
+    if team.distributed:  # every process returns what rank 0 wrote
+        metrics = team.broadcast_json(metrics)
     return metrics
 
 

@@ -1,17 +1,22 @@
 """Batched image augmentations on tensors (on the device, no PIL round trip).
 
 All functions take and return float [0,1] NCHW batches and draw randomness from a
-``torch.Generator`` so that a run is reproducible.
+``torch.Generator`` so that a run is reproducible (a ``genaf.utils.RowGenerator`` draws for a
+whole batch spread over several processes and keeps this process's rows).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from .utils import draw
+
 
 def _rand(n: int, lo: float, hi: float, gen: torch.Generator | None, device) -> torch.Tensor:
-    return torch.rand(n, generator=gen, device="cpu").to(device) * (hi - lo) + lo
+    return draw(torch.rand, (n,), gen).to(device) * (hi - lo) + lo
 
 
 def random_resized_crop_flip(
@@ -69,8 +74,9 @@ def crop_flip(x: torch.Tensor, pad: int = 2, gen: torch.Generator | None = None)
     sign = torch.where(_rand(n, 0, 1, gen, dev) < 0.5, -1.0, 1.0).to(x.dtype)
     theta[:, 0, 0] = sign
     theta[:, 1, 1] = 1
-    theta[:, 0, 2] = (torch.randint(-pad, pad + 1, (n,), generator=gen).to(dev) * 2.0 / h).to(x.dtype)
-    theta[:, 1, 2] = (torch.randint(-pad, pad + 1, (n,), generator=gen).to(dev) * 2.0 / h).to(x.dtype)
+    shift = functools.partial(torch.randint, -pad, pad + 1)
+    theta[:, 0, 2] = (draw(shift, (n,), gen).to(dev) * 2.0 / h).to(x.dtype)
+    theta[:, 1, 2] = (draw(shift, (n,), gen).to(dev) * 2.0 / h).to(x.dtype)
     del t
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)

@@ -175,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to create (required)")
     p.add_argument("--config", default=None, help="YAML file with any of the options (default: none)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the method's stage(s) (default: the method's)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="training batch size; under torchrun the global batch, split evenly across the processes (default 128)",
+    )
     p.add_argument("--eps", default=None, help="training PGD budget, e.g. 8/255 (default: the method's, 8/255)")
     p.add_argument(
         "--lam", type=float, default=None, help="genetic regulariser weight (genaf only; default: the method's)"
@@ -228,6 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue an interrupted run in --out from its checkpoint, with the saved options (default: a new run)",
+    )
+    p.add_argument(
+        "--dist-backend",
+        default=None,
+        choices=["auto", "nccl", "gloo"],
+        help="under torchrun: the process-group backend; auto is nccl on GPUs, gloo on CPUs "
+        "(docs/DISTRIBUTED.md) (default auto)",
+    )
+    p.add_argument(
+        "--ddp-batchnorm",
+        default=None,
+        choices=["global", "rank"],
+        help="under torchrun: BatchNorm in train mode normalises with the global batch's statistics (global: "
+        "what one process computes) or each process's own (rank: no communication in the forward) "
+        "(default global)",
     )
     _data_args(p)
     _common(p, seed="0, or the --config file's")
@@ -532,6 +552,8 @@ def cmd_finetune(a) -> int:
         "compile": a.compile,
         "deterministic": a.deterministic,
         "logger": a.logger,
+        "dist_backend": a.dist_backend,
+        "ddp_batchnorm": a.ddp_batchnorm,
     }
     data = {
         "root": a.data_root,
@@ -547,7 +569,10 @@ def cmd_finetune(a) -> int:
     cfg = resolve(file_cfg, encoder=a.encoder, dataset=a.dataset, method=a.method, seed=a.seed, head=a.head)
     given = {k for k in ("encoder", "dataset", "method") if getattr(a, k) is not None or k in (file_cfg or {})}
     defaulted = [f"--{k} {cfg[k]}" for k in ("encoder", "dataset", "method") if k not in given]
-    if defaulted:  # stated, never silent: a forgotten --dataset is not a quiet Fashion-MNIST run
+    from .distributed import main_process
+
+    main = main_process()  # under torchrun rank 0 speaks for every process
+    if defaulted and main:  # stated, never silent: a forgotten --dataset is not a quiet Fashion-MNIST run
         print(f"genaf finetune: not given, so the defaults: {' '.join(defaulted)}")  # stdout: stderr is for errors
     m = api.finetune(
         cfg["encoder"],
@@ -562,7 +587,8 @@ def cmd_finetune(a) -> int:
         resume=a.resume,
         log=_log(a) or _silent,
     )
-    print(_summary(m))
+    if main:
+        print(_summary(m))
     return 0
 
 

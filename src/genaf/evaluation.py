@@ -47,16 +47,17 @@ def rates(clean_pred: torch.Tensor, adv_pred: torch.Tensor, labels: torch.Tensor
     }
 
 
-def whitebox_attacks(wb: dict, seed: int = 0, log=None) -> dict:
+def whitebox_attacks(wb: dict, seed: int = 0, log=None, gen: torch.Generator | None = None) -> dict:
     """name -> (run(model, x, y) -> x_adv, its description) for the white-box evaluation.
 
     ``wb`` holds the PGD settings (``eps``, ``step``, ``steps``, ``restarts``) and switches
     ``fgsm`` and ``autoattack`` (``autoattack_version``: ``standard`` = APGD-CE, APGD-T, FAB-T and
     Square, or ``apgd`` = the first two; ``autoattack_steps`` iterations, ``autoattack_queries``
-    Square queries).
+    Square queries). ``gen``: PGD's random starts (default: the generator of unit
+    ``evaluate:pgd``; a data-parallel evaluation passes its ``Team.generator`` of that unit).
     """
     eps = float(wb["eps"])
-    gen = generator(seed, "evaluate:pgd")
+    gen = gen if gen is not None else generator(seed, "evaluate:pgd")
     out = {}
     if wb.get("fgsm"):
         out["fgsm-wb"] = (lambda m, x, y: fgsm(m, x, y, eps), {"attack": "fgsm", "eps": eps})
@@ -112,6 +113,7 @@ def evaluate_model(
     adversarial: dict[str, tuple[torch.Tensor, dict]] | None = None,
     split_indices: dict[str, torch.Tensor] | None = None,
     log=None,
+    parallel=None,
 ) -> dict:
     """Evaluate ``model`` on ``test`` against universal perturbations, per-sample DAEs and
     white-box PGD.
@@ -136,12 +138,27 @@ def evaluate_model(
         log: where progress lines go off a terminal (genaf.utils.Progress): one per batch for
             the clean images and the universal perturbations, one per batch and per-sample or
             white-box attack, one per self-check PGD run.
+        parallel: the processes of a torchrun run (``genaf.distributed.Team``): each evaluates
+            its rows of every batch (PGD with the random starts one process draws for them) and
+            the per-sample results are gathered, so every process returns what one process
+            computes; the self-checks run on rank 0 alone. Clean, FGSM and PGD results equal one
+            process's; AutoAttack's random draws depend on the rows a process holds. Universal
+            perturbations and per-sample DAEs are not sharded (refused).
     Returns:
         the ``metrics.json`` dict (without run metadata) and per-sample predictions.
     """
     device = torch.device(device)
     perturbations = perturbations or {}
     adversarial = adversarial or {}
+    team = parallel
+    sharded = team is not None and team.distributed
+    if sharded and (perturbations or adversarial):
+        from .errors import ConfigError
+
+        raise ConfigError(
+            "perturbations and per-sample DAEs are not evaluated across processes yet; evaluate them in one process"
+        )
+    pgd_gen = team.generator(seed, "evaluate:pgd") if sharded else None
     was = [(m, m.training) for m in model.modules()]
     model.eval()
     preds: dict[str, list[torch.Tensor]] = {"clean": []}
@@ -149,7 +166,7 @@ def evaluate_model(
         if name in preds:
             raise DataError(f"two evaluation entries are both called '{name}'; give them distinct names")
         preds[name] = []
-    wb_attacks = whitebox_attacks(whitebox, seed, log=log) if whitebox else {}
+    wb_attacks = whitebox_attacks(whitebox, seed, log=log, gen=pgd_gen) if whitebox else {}
     for name in wb_attacks:
         preds[name] = []
     labels, indices = [], []
@@ -169,7 +186,7 @@ def evaluate_model(
     applied: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     try:
-        if checks:
+        if checks and not (sharded and not team.is_main):
             sub = test.subset(n_check)
             report = run_checks(
                 model,
@@ -186,8 +203,11 @@ def evaluate_model(
         heavy = list(adversarial) + list(wb_attacks)
         what = f"{len(test)} {test.split} images" if test.split else f"{len(test)} images"
         bar = Progress(n_batches * (1 + len(heavy)), f"evaluating on {what}", unit="attack batches", log=log)
-        for b, (x, y, idx) in enumerate(test.batches(batch_size, device=device), 1):
+        part = (team.rank, team.world) if sharded else None
+        for b, (x, y, idx) in enumerate(test.batches(batch_size, device=device, part=part), 1):
             at = f"batch {b}/{n_batches}"
+            if sharded:  # this process's rows of the batch; PGD draws for the whole batch
+                team.set_rows(pgd_gen, min(batch_size, len(test) - (b - 1) * batch_size))
             labels.append(y.cpu())
             indices.append(idx.cpu())
             preds["clean"].append(_predict(model, x).cpu())
@@ -224,6 +244,18 @@ def evaluate_model(
             m.train(t)
     y = torch.cat(labels)
     p = {k: torch.cat(v) for k, v in preds.items()}
+    if sharded:  # every process's rows, batch by batch, in the order of one process
+        y, p, indices = _gather_batches(team, labels, preds, indices)
+        for _, desc in wb_attacks.values():
+            if "per_attack" in desc:  # AutoAttack's tallies: summed over the processes
+                every = team.merge({str(team.rank): desc["per_attack"]})
+                total: dict = {}
+                for tally in every.values():
+                    for k, v in tally.items():
+                        tot = total.setdefault(k, {"attacked": 0, "fooled": 0})
+                        tot["attacked"] += v["attacked"]
+                        tot["fooled"] += v["fooled"]
+                desc["per_attack"] = total
     clean = p["clean"]
     where = {"dataset": test.dataset, "split": test.split, "n": int(len(y))}
     out = {
@@ -280,3 +312,19 @@ def evaluate_model(
         out["checks"] = report
     per_sample = {"index": torch.cat(indices).tolist(), "label": y.tolist(), **{k: v.tolist() for k, v in p.items()}}
     return {"metrics": out, "per_sample": per_sample}
+
+
+def _gather_batches(team, labels: list, preds: dict, indices: list):
+    """Labels, predictions and indices of every process, batch after batch: one gather per batch
+    of a (rows, columns) table, so the result is in the order one process produces."""
+    names = list(preds)
+    ys, ps, idx = [], {k: [] for k in names}, []
+    for b in range(len(labels)):
+        cols = [labels[b].long(), indices[b].long()] + [preds[k][b].long() for k in names]
+        rows = torch.stack(cols, 1) if len(labels[b]) else torch.zeros(0, len(cols), dtype=torch.long)
+        table = team.gather_rows(rows)
+        ys.append(table[:, 0])
+        idx.append(table[:, 1])
+        for j, k in enumerate(names):
+            ps[k].append(table[:, 2 + j])
+    return torch.cat(ys), {k: torch.cat(v) for k, v in ps.items()}, idx

@@ -25,9 +25,10 @@ from torch import nn
 
 from .attacks.whitebox import pgd
 from .augment import crop_flip
+from .distributed import BACKENDS, BATCHNORM_MODES, SOLO, Team
 from .errors import CheckpointError, ConfigError, first_line
 from .methods.base import Context, Method, ParamGroup, Stage
-from .utils import generator, torch_save_atomic, unit_seed
+from .utils import generator, row_generator, torch_save_atomic, unit_seed
 
 CHECKPOINT = "checkpoint.pt"
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
@@ -96,6 +97,12 @@ class TrainConfig:
     # trained module before every attack); false attacks the trained module itself. Not used
     # under compile (the compiled module is attacked), nor for validation.
     fold_bn: bool = True
+    # under torchrun (genaf.distributed): the process-group backend ("auto": nccl on GPUs, gloo on
+    # CPUs), and the statistics BatchNorm normalises with in train mode: "global" (those of the
+    # global batch, summed across the processes: the single-process computation) or "rank"
+    # (each process's own; the running statistics are averaged at the end of every epoch)
+    dist_backend: str = "auto"
+    ddp_batchnorm: str = "global"
     n_val_robust: int = 512  # validation images attacked each epoch for model selection
     val_eps: float = 8 / 255
     val_step: float = 2 / 255
@@ -115,6 +122,10 @@ class TrainConfig:
         from .curves import check_logger
 
         check_logger(self.logger)
+        if self.dist_backend not in BACKENDS:
+            raise ConfigError(f"dist_backend must be one of {', '.join(BACKENDS)}, got '{self.dist_backend}'")
+        if self.ddp_batchnorm not in BATCHNORM_MODES:
+            raise ConfigError(f"ddp_batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got '{self.ddp_batchnorm}'")
 
 
 def _make_optimizer(group: ParamGroup):
@@ -147,6 +158,19 @@ class PassCounter:
         )
         self.phase = "train"
         self.handles: list = []
+        self.synced = copy.deepcopy(self.counts)  # the counts already summed over the processes
+
+    def sync(self, team: Team) -> None:
+        """Sum what every process counted since the last call (a data-parallel run shares the
+        work out, so the totals are those of one process doing all of it)."""
+        if not team.distributed:
+            return
+        new = {f"{ph}/{k}": v - self.synced[ph][k] for ph, kinds in self.counts.items() for k, v in kinds.items()}
+        total = team.sum_values(new)
+        for key, v in total.items():
+            ph, k = key.split("/")
+            self.counts[ph][k] = self.synced[ph][k] + int(round(v))
+        self.synced = copy.deepcopy(self.counts)
 
     def attach(self, *modules: nn.Module) -> None:
         for m in modules:
@@ -185,10 +209,14 @@ class Trainer:
         run_dir: str | Path,
         device: torch.device,
         log=print,
+        team: Team | None = None,
     ) -> None:
         cfg.validate()
         data = place_data(data, device, cfg.data_on_device, log)
         self.model, self.data, self.method, self.cfg = model, data, method, cfg
+        # the processes of a torchrun run (genaf.distributed); SOLO: one process, no collective
+        self.team = team or SOLO
+        self.parallel_info: dict = {}
         self.run_dir, self.device, self.log = Path(run_dir), device, log
         self.stages: list[Stage] = method.stages()
         self.history: list[dict] = []
@@ -198,7 +226,8 @@ class Trainer:
         self.attack_fold: dict = {"fold_bn": cfg.fold_bn, "folded_pairs": 0}
         from .curves import curve_logger
 
-        self.curves = curve_logger(cfg.logger, self.run_dir)  # history.csv / tensorboard, one row per epoch
+        # history.csv / tensorboard, one row per epoch; under torchrun only rank 0 writes
+        self.curves = curve_logger(cfg.logger if self.team.is_main else "none", self.run_dir)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -209,7 +238,13 @@ class Trainer:
                 pred = self.model(self._prep(x)).argmax(1)
             correct += int((pred == y).sum())
             n += len(y)
+        if self.team.distributed:  # each process counted its rows of every batch
+            got = self.team.sum_values({"correct": correct, "n": n})
+            correct, n = int(got["correct"]), int(got["n"])
         return correct / max(n, 1)
+
+    def _part(self) -> tuple[int, int] | None:
+        return (self.team.rank, self.team.world) if self.team.distributed else None
 
     def validate(self, model: nn.Module | None = None, robust: bool = True) -> dict:
         """Validation clean accuracy and (on a fixed subset) PGD robust accuracy."""
@@ -219,15 +254,20 @@ class Trainer:
         counting = self.counter.selection() if self.counter is not None else contextlib.nullcontext()
         with counting:
             try:
-                out = {"val_clean": self._accuracy(self.data.val.batches(self.cfg.eval_batch_size, device=self.device))}
+                bs, part = self.cfg.eval_batch_size, self._part()
+                out = {"val_clean": self._accuracy(self.data.val.batches(bs, device=self.device, part=part))}
                 if robust and self.cfg.n_val_robust > 0:
+                    # under torchrun each process attacks its rows of every batch, with the random
+                    # starts a single process draws for them (team.generator), and the counts are summed
                     sub = self.data.val.subset(self.cfg.n_val_robust)
-                    gen = generator(self.cfg.seed, "val:pgd")
+                    gen = self.team.generator(self.cfg.seed, "val:pgd")
                     correct = 0
-                    for x, y, _ in sub.batches(self.cfg.eval_batch_size, device=self.device):
+                    for start, (x, y, _) in zip(range(0, len(sub), bs), sub.batches(bs, device=self.device, part=part)):
+                        self.team.set_rows(gen, min(bs, len(sub) - start))
                         xa = pgd(model, x, y, self.cfg.val_eps, self.cfg.val_step, self.cfg.val_steps, gen=gen)
                         with torch.no_grad():
                             correct += int((model(xa).argmax(1) == y).sum())
+                    correct = int(self.team.sum_values({"c": correct})["c"])
                     out["val_robust"] = correct / len(sub)
             finally:
                 for m, t in was:
@@ -257,6 +297,13 @@ class Trainer:
         return self.run_dir / CHECKPOINT
 
     def _save(self, stage_index: int, epoch: int, opts, scheds, best) -> None:
+        """Every process calls it (the pass counts are summed); rank 0 writes the checkpoint.
+        What it holds is the same on every process, whatever their number, so a run may resume
+        on another number of processes."""
+        if self.counter is not None:
+            self.counter.sync(self.team)
+        if not self.team.is_main:
+            return
         state = {
             "format": "genaf-checkpoint",
             "version": 1,
@@ -275,6 +322,29 @@ class Trainer:
 
     def _load(self) -> dict:
         path = self._ckpt_path()
+        team = self.team
+        if not team.distributed:
+            return self._load_file(path)
+
+        def exists() -> None:
+            if not path.is_file():
+                raise CheckpointError(f"--resume: no checkpoint at {path}; start without --resume")
+
+        # rank 0 reads the file and sends its bytes (the run folder need not be on a filesystem
+        # every node sees); every process checks and loads the same bytes the same way
+        team.on_main(exists)
+        data = team.broadcast_bytes(path.read_bytes() if team.is_main else b"")
+        if team.is_main:
+            return self._load_file(path)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="genaf-resume-") as tmp:
+            local = Path(tmp) / CHECKPOINT
+            local.write_bytes(data)
+            return self._load_file(local, shown=path)
+
+    def _load_file(self, path: Path, shown: Path | None = None) -> dict:
+        shown = shown or path
         if not path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {path}; start without --resume")
         from .encoders.safe_load import load_weights_only
@@ -282,15 +352,22 @@ class Trainer:
         try:  # what the file would allocate is checked before torch.load runs
             state = load_weights_only(path, "checkpoint")
         except Exception as exc:
-            raise CheckpointError(f"--resume: cannot read {path} safely ({first_line(exc)})") from exc
+            raise CheckpointError(f"--resume: cannot read {shown} safely ({first_line(exc)})") from exc
         if not isinstance(state, dict) or state.get("format") != "genaf-checkpoint":
-            raise CheckpointError(f"--resume: {path} is not a genaf training checkpoint")
+            raise CheckpointError(f"--resume: {shown} is not a genaf training checkpoint")
         return state
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> dict:
         """Run every stage; returns the artefacts (validation history, stage outputs)."""
         cfg = self.cfg
+        if self.team.distributed:
+            from .distributed import check_global_batch, check_train_split
+
+            if cfg.compile != "none":
+                raise ConfigError("compile is not supported under torchrun yet; run with compile none")
+            check_global_batch(cfg.batch_size, self.team)
+            check_train_split(len(self.data.train), cfg.batch_size, self.team)
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -299,6 +376,7 @@ class Trainer:
         compile_model(self.model, cfg.compile, cfg.compile_backend)  # after the copy: never deepcopy a compiled module
         ctx = Context(self.data, self.device, cfg.seed, reference, self.log, self.run_dir, self.artifacts)
         ctx.attack_fold = self.fold
+        ctx.parallel = self.team
         start_stage, start_epoch, ckpt = 0, 0, None
         if resume:
             ckpt = self._load()
@@ -412,27 +490,73 @@ class Trainer:
                 sc.load_state_dict(s)
             best = ckpt["best"]
         trainable = {id(p) for g in groups for p in g.params}
+        self._best = best
+        with self._data_parallel(stage, groups, ctx, start_epoch) as step_model:
+            self._epochs(si, stage, ctx, step_model, opts, scheds, best, start_epoch, trainable)
+        self._after_epochs(si, stage, ctx)
+
+    @contextlib.contextmanager
+    def _data_parallel(self, stage: Stage, groups: list[ParamGroup], ctx: Context, start_epoch: int):
+        """The model a stage's ``step`` gets: the model itself, or under torchrun its DDP view
+        (genaf.distributed.DataParallelStep) for this stage's optimiser groups, with BatchNorm on
+        the global batch's statistics (``ddp_batchnorm: global``), and the attacks pointed at the
+        unwrapped module (or its BatchNorm-folded copy): they never go through DDP."""
+        team = self.team
+        if not team.distributed or start_epoch >= stage.epochs:
+            yield self.model
+            return
+        from .distributed import DataParallelStep, global_batchnorm
+
+        params = [p for g in groups for p in g.params]
+        par = DataParallelStep(self.model, params, team)
+        before = ctx.attack_fold
+        ctx.attack_fold = _Unwrapped(par.view, self.model, self.fold)
+        bn = global_batchnorm(self.model, team) if self.cfg.ddp_batchnorm == "global" else contextlib.nullcontext({})
+        try:
+            with bn as info:
+                self.parallel_info.setdefault("batchnorm", {"mode": self.cfg.ddp_batchnorm, **(info or {})})
+                yield par.view
+        finally:
+            ctx.attack_fold = before
+            par.close()
+
+    def _epochs(self, si, stage, ctx, step_model, opts, scheds, best, start_epoch, trainable) -> None:
+        cfg, team = self.cfg, self.team
+        key = f"stage{si}:{stage.name}"
+        part = self._part()
+        rows = None
+        if team.distributed:  # this process's rows of every (full) global batch
+            lo, hi = team.rows(cfg.batch_size)
+            rows = (lo, hi, cfg.batch_size)
         for epoch in range(start_epoch, stage.epochs):
             t0 = time.time()
-            torch.manual_seed(unit_seed(cfg.seed, f"{key}:epoch{epoch}:torch"))
+            # streams shared by every process draw for the whole global batch (RowGenerator);
+            # the global torch RNG (dropout) is each process's own stream of the same unit seed
+            torch.manual_seed(unit_seed(cfg.seed, team.seed_key(f"{key}:epoch{epoch}:torch")))
             if hasattr(stage, "_gen"):
-                stage._gen = generator(cfg.seed, f"{key}:epoch{epoch}:attack")
+                stage._gen = _stream(cfg.seed, f"{key}:epoch{epoch}:attack", rows)
             stage.begin_epoch(epoch)
             shuffle = generator(cfg.seed, f"{key}:epoch{epoch}:shuffle")
-            aug = generator(cfg.seed, f"{key}:epoch{epoch}:augment")
+            aug = _stream(cfg.seed, f"{key}:epoch{epoch}:augment", rows)
             self.model.train()
             stage.set_modes(self.model)
             sums: dict[str, float] = {}
             nb = 0
             n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
-            bar = _progress(n_batches, f"{stage.name} {epoch + 1}/{stage.epochs}", cfg.progress)
+            bar = _progress(n_batches, f"{stage.name} {epoch + 1}/{stage.epochs}", cfg.progress and team.is_main)
             transform = functools.partial(crop_flip, gen=aug) if cfg.augment else None
             for x, y, _ in self.data.train.batches(
-                cfg.batch_size, shuffle=True, gen=shuffle, device=self.device, drop_last=True, transform=transform
+                cfg.batch_size,
+                shuffle=True,
+                gen=shuffle,
+                device=self.device,
+                drop_last=True,
+                transform=transform,
+                part=part,
             ):
                 x = self._prep(x)
                 with self._autocast():
-                    losses = stage.step(self.model, x, y, ctx)
+                    losses = stage.step(step_model, x, y, ctx)
                 loss = losses["loss"]
                 if not torch.isfinite(loss):
                     raise ConfigError(
@@ -451,10 +575,20 @@ class Trainer:
             bar.close()
             for s in scheds:
                 s.step()
+            if team.distributed:  # the mean over the global batches; the same model everywhere
+                sums = {k: v / team.world for k, v in team.sum_values(sums).items()}
+                if cfg.ddp_batchnorm == "rank":
+                    from .distributed import average_batchnorm_buffers
+
+                    average_batchnorm_buffers(self.model, team)
             val = self.validate(robust=stage.needs_val_robust or stage.select in ("robust", "clean+robust"))
             hook = getattr(stage, "end_epoch", None)  # e.g. the fast-mode guard of adversarial stages
             val_attack = {"eps": cfg.val_eps, "step": cfg.val_step, "steps": cfg.val_steps, "n": cfg.n_val_robust}
             extra = hook(self.model, ctx, val, val_attack) if hook else {}
+            if team.distributed:  # every process takes rank 0's decisions (the guard's included)
+                extra, guard = team.broadcast_json([extra, ctx.artifacts.get("guard")])
+                if guard is not None:
+                    ctx.artifacts["guard"] = guard
             score = self.score(val, stage.select)
             row = {
                 "stage": stage.name,
@@ -481,6 +615,11 @@ class Trainer:
             self._save(si, epoch + 1, opts, scheds, best)
             if extra.get("stop"):
                 break
+        self._best = best
+
+    def _after_epochs(self, si: int, stage: Stage, ctx: Context) -> None:
+        key = f"stage{si}:{stage.name}"
+        best = self._best
         if best is not None and stage.epochs > 0:
             self.model.load_state_dict(
                 {**self.model.state_dict(), **{k: v.to(self.device) for k, v in best["state"].items()}}
@@ -491,6 +630,26 @@ class Trainer:
         if out:
             self.artifacts.setdefault("finish", {})[key] = out
         self._save(si + 1, 0, [], [], None)
+
+
+class _Unwrapped:
+    """``ctx.attack_fold`` under DDP: a method attacks the model it was handed (the DDP view);
+    this points the attack at the unwrapped module, or at its BatchNorm-folded copy, so attack
+    steps never run DDP's forward, never all-reduce and never accumulate parameter gradients."""
+
+    def __init__(self, view, model: nn.Module, fold) -> None:
+        self.view, self.model, self.fold = view, model, fold
+
+    def __call__(self, m):
+        if m is self.view:
+            m = self.model
+        return self.fold(m) if self.fold is not None else m
+
+
+def _stream(seed: int, key: str, rows: tuple[int, int, int] | None) -> torch.Generator:
+    """The generator of unit ``key``: plain for one process; under torchrun one that draws for the
+    whole global batch and keeps this process's ``rows`` (genaf.utils.RowGenerator)."""
+    return generator(seed, key) if rows is None else row_generator(seed, key, rows)
 
 
 def _is_trainable_key(model: nn.Module, key: str, trainable_ids: set[int]) -> bool:

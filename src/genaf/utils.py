@@ -38,6 +38,46 @@ def generator(global_seed: int, key: str, device: torch.device | str = "cpu") ->
     return g
 
 
+def share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``start, stop`` of ``n`` that process ``rank`` of ``world`` holds: contiguous blocks in
+    rank order, their sizes differing by at most one (equal when ``world`` divides ``n``)."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+class RowGenerator(torch.Generator):
+    """A CPU generator that stands for one process's rows of a batch spread over several processes.
+
+    ``rows = (start, stop, total)``: this process holds rows ``start:stop`` of a batch of ``total``
+    rows. :func:`draw` then draws for all ``total`` rows, exactly as one process holding the whole
+    batch would, and keeps this process's rows, so the random starts and augmentations of a
+    data-parallel run equal a single process's (``genaf.distributed``). ``rows = None``: a plain
+    generator."""
+
+    rows: tuple[int, int, int] | None = None
+
+
+def row_generator(global_seed: int, key: str, rows: tuple[int, int, int] | None = None) -> RowGenerator:
+    """A :class:`RowGenerator` seeded as :func:`generator` seeds one."""
+    g = RowGenerator()
+    g.manual_seed(unit_seed(global_seed, key))
+    g.rows = rows
+    return g
+
+
+def draw(fn: Callable, shape, gen: torch.Generator | None, **kwargs) -> torch.Tensor:
+    """``fn(shape, generator=gen, **kwargs)`` (``torch.rand``, ``torch.randn``, or a
+    ``functools.partial`` of ``torch.randint``) on the CPU; for a :class:`RowGenerator` with rows
+    set, the draw of the whole batch, of which this process's rows are kept."""
+    shape = tuple(shape)
+    rows = getattr(gen, "rows", None)
+    if rows is None:
+        return fn(shape, generator=gen, device="cpu", **kwargs)
+    start, stop, total = rows
+    if shape[0] != stop - start:
+        raise ValueError(f"a draw for {shape[0]} rows from a generator of rows {start}:{stop} of {total}")
+    return fn((total, *shape[1:]), generator=gen, device="cpu", **kwargs)[start:stop]
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils import check_eps
+from ..utils import check_eps, draw
 from .base import eval_mode, input_grad
 
 
@@ -62,7 +62,7 @@ def pgd(
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for r in range(max(1, restarts)):
             if random_start:
-                noise = torch.rand(x.shape, generator=gen, device="cpu").to(x.device, x.dtype)
+                noise = draw(torch.rand, x.shape, gen).to(x.device, x.dtype)
                 xa = (x + (noise * 2 - 1) * eps).clamp(0, 1)
             else:
                 xa = x.clone()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import limits
 from ..errors import ConfigError, DataError, unknown
-from ..utils import generator
+from ..utils import generator, share
 
 # name -> raw loader(root, download) -> (train_x, train_y, test_x, test_y, classes),
 # images uint8 (N, C, H, W) with C in {1, 3}; or a list of per-image tensors when sizes differ.
@@ -99,8 +99,13 @@ class ImageSet:
         device: torch.device | str | None = None,
         drop_last: bool = False,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        part: tuple[int, int] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (x float [0,1], y, dataset indices) batches, optionally shuffled by ``gen``."""
+        """Yield (x float [0,1], y, dataset indices) batches, optionally shuffled by ``gen``.
+
+        ``part = (rank, world)``: of every batch, only the rows that process ``rank`` of ``world``
+        holds (``genaf.utils.share``); the batches themselves (order, size) are the same as
+        without it, so the processes together see exactly the batches of one process."""
         if batch_size <= 0:
             raise ConfigError(f"batch size must be positive, got {batch_size}")
         n = len(self)
@@ -108,6 +113,9 @@ class ImageSet:
         stop = n - n % batch_size if drop_last and n >= batch_size else n
         for start in range(0, stop, batch_size):
             idx = order[start : start + batch_size]
+            if part is not None:
+                lo, hi = share(len(idx), *part)
+                idx = idx[lo:hi]
             x = self.images[idx.to(self.images.device)]
             if device is not None:
                 x = x.to(device, non_blocking=True)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import SOLO
 from ..errors import ConfigError, unknown
 
 _METHODS: dict[str, type] = {}
@@ -115,7 +116,10 @@ class Context:
     """What a stage may use besides the model: data, device, seed, a frozen copy of the
     pre-trained encoder, a logger, the run directory (for artefacts), and ``attack_fold``: the
     model to attack in place of the trained one (``genaf.fold.AttackFold``: a copy with its
-    BatchNorms folded into the convolutions, for eval-mode attacks only; None: the model)."""
+    BatchNorms folded into the convolutions, for eval-mode attacks only; None: the model),
+    and ``parallel``: the processes of a torchrun run (``genaf.distributed.Team``; a team of one
+    otherwise, on which every helper is the identity). A method shares work out and gathers
+    results through it, and imports nothing of ``torch.distributed`` itself."""
 
     data: Any
     device: torch.device
@@ -125,6 +129,12 @@ class Context:
     run_dir: Any = None
     artifacts: dict = field(default_factory=dict)
     attack_fold: Any = None
+    parallel: Any = SOLO
+
+
+def parallel_of(ctx) -> Any:
+    """``ctx.parallel``, or a team of one for a context that has none."""
+    return getattr(ctx, "parallel", None) or SOLO
 
 
 class Stage:
@@ -159,6 +169,11 @@ class Stage:
         """Called after ``model.train()``: put frozen parts back in eval mode."""
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: Context) -> dict[str, torch.Tensor]:
+        """One update's losses on this process's rows ``x, y`` of the global batch. Under torchrun
+        ``model`` is the Trainer's DDP view: call it, ``features`` and ``forward_head`` for every
+        forward that trains; attack ``ctx.attack_fold(model)`` (see ``Stage1.attacked_model``),
+        never ``model`` itself. A loss that is a mean over this process's rows is the mean over
+        the global batch once DDP averages the gradients."""
         raise NotImplementedError
 
     def finish(self, model: nn.Module, ctx: Context, evaluate) -> dict:

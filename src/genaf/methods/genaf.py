@@ -12,12 +12,13 @@ from torch import nn
 from ..attacks.base import eval_mode, input_grad
 from ..attacks.whitebox import frozen_params, pgd
 from ..errors import ConfigError
-from ..utils import check_eps, generator
-from .base import Method, ParamGroup, Stage, head_params, register_method, two_track_groups
+from ..utils import check_eps, draw, generator
+from .base import Method, ParamGroup, Stage, head_params, parallel_of, register_method, two_track_groups
 from .genetic import genetic_regularizer
 from .stage2_common import SelectiveFineTuning
 
 SPACES = ("logits", "features")
+GENETIC_BATCHES = ("rank", "global")
 STUDENTS = ("clean", "adversarial")
 TARGETS = ("adversarial", "clean", "pretrained")
 
@@ -70,6 +71,11 @@ GENAF_DEFAULTS = dict(
     target="adversarial",
     detach_target=False,
     detach_weights=True,
+    # under torchrun: the batch the regulariser's pairwise matrices span. "rank": each process's
+    # own rows (per-process batch = global / processes, the neighbourhood size of a single-GPU
+    # run at that batch; no extra communication); "global": the features of every process
+    # gathered (with gradient), so the loss is the single-process loss on the global batch
+    genetic_batch="rank",
     stage2=True,
     stage2_epochs=3,
     stage2_k_fraction=0.2,
@@ -201,10 +207,10 @@ def pgd_maximise(
     x = x.detach()
     with eval_mode(model), frozen_params(model):
         if start == "uniform":
-            noise = torch.rand(x.shape, generator=gen, device="cpu").to(x.device, x.dtype)
+            noise = draw(torch.rand, x.shape, gen).to(x.device, x.dtype)
             xa = (x + (noise * 2 - 1) * eps).clamp(0, 1)
         elif start == "gaussian":
-            noise = torch.randn(x.shape, generator=gen, device="cpu").to(x.device, x.dtype)
+            noise = draw(torch.randn, x.shape, gen).to(x.device, x.dtype)
             xa = torch.min(torch.max(x + 0.001 * noise, x - eps), x + eps).clamp(0, 1)
         else:
             xa = x.clone()
@@ -292,13 +298,17 @@ class Stage1(Stage):
             return float(val["val_robust"]), int(va["n"])
         sub = ctx.data.val.subset(n)
         xs, ys = sub.float_images().to(ctx.device), sub.labels.to(ctx.device)
-        gen = generator(ctx.seed, f"{self.name}:guard")  # the same random starts every epoch
+        team = parallel_of(ctx)  # each process attacks its rows of every batch (their counts summed)
+        gen = team.generator(ctx.seed, f"{self.name}:guard")  # the same random starts every epoch
         correct = 0
         for i in range(0, len(xs), 256):
             x, y = xs[i : i + 256], ys[i : i + 256]
+            lo, hi = team.set_rows(gen, len(x))
+            x, y = x[lo:hi], y[lo:hi]
             xa = pgd(model, x, y, eps, step, steps, random_start=True, gen=gen)
             with torch.no_grad(), eval_mode(model):
                 correct += int((model(xa).argmax(1) == y).sum())
+        correct = int(team.sum_values({"c": correct})["c"])
         return correct / max(len(xs), 1), len(xs)
 
     def end_epoch(self, model, ctx, val: dict, val_attack: dict | None = None) -> dict:
@@ -415,6 +425,10 @@ class Stage1(Stage):
             target = space[0] if c["target"] == "clean" else space[1]
             if c["detach_target"]:
                 target = target.detach()
+        if c.get("genetic_batch", "rank") == "global":  # the global batch's rows, gathered
+            team = parallel_of(ctx)
+            student, target = team.gather_rows(student, grad=True), team.gather_rows(target, grad=target.requires_grad)
+            y, s = team.gather_rows(y), team.gather_rows(s, grad=s.requires_grad)
         reg = genetic_regularizer(student, target, y, s, reduction=c["reduction"])
         return {"loss": ce_adv + lam * reg, "ce_adv": ce_adv.detach(), "genetic": reg.detach()}
 
@@ -492,6 +506,7 @@ class GenAFStage1(Method):
             ("target", TARGETS),
             ("reduction", ("sum", "mean")),
             ("forward", ("separate", "concat")),
+            ("genetic_batch", GENETIC_BATCHES),
         ):
             if c[key] not in allowed:
                 raise ConfigError(f"{key}='{c[key]}' is not one of {allowed}")

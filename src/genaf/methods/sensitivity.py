@@ -57,6 +57,12 @@ def _mean_ce(model, xs, ys, batch_size) -> float:
 def _loss_and_grads(model, xs, ys, params, batch_size) -> tuple[float, list[torch.Tensor]]:
     """Mean cross-entropy over ``xs`` and its gradient with respect to ``params`` (which are
     made to require gradients for the call; everything else is assumed frozen)."""
+    total, grads = _loss_and_grad_sums(model, xs, ys, params, batch_size)
+    return total / len(xs), [g / len(xs) for g in grads]
+
+
+def _loss_and_grad_sums(model, xs, ys, params, batch_size) -> tuple[float, list[torch.Tensor]]:
+    """The summed cross-entropy over ``xs`` and its gradient (see :func:`_loss_and_grads`)."""
     for p in params:
         p.requires_grad_(True)
     try:
@@ -73,7 +79,7 @@ def _loss_and_grads(model, xs, ys, params, batch_size) -> tuple[float, list[torc
     finally:
         for p in params:
             p.requires_grad_(False)
-    return total / len(xs), [g / len(xs) for g in grads]
+    return total, grads
 
 
 def _norm(ts) -> float:
@@ -92,6 +98,7 @@ def robust_sensitivity(
     seed: int = 0,
     log=None,
     ascent_fraction: float = 1.0,
+    parallel=None,
 ) -> dict[str, float]:
     """The robust sensitivity dictionary ``{unit name: ρ}`` (see the module docstring).
 
@@ -104,21 +111,40 @@ def robust_sensitivity(
     ``ascent_fraction`` of the probe (at least 64 images). The ascent is deterministic
     (``seed`` is accepted for compatibility). Weights, ``requires_grad`` flags and module
     modes are restored exactly.
+
+    ``parallel`` (``ctx.parallel`` under torchrun; a ``genaf.distributed.Team``): every process
+    computes the shared first step on its rows of the probe (the sums are added up across the
+    processes), scores its share of the units (round robin) on the whole probe, and every process
+    returns the merged dictionary, in the order of ``units``. A unit's score is computed by one
+    process exactly as a single process computes it.
     """
     units = units if units is not None else weight_units(model)
     n = len(probe_x)
     m = n if ascent_fraction >= 1 else min(n, max(64, math.ceil(ascent_fraction * n)))
     sub_x, sub_y = probe_x[:m], probe_y[:m]
     scores: dict[str, float] = {}
+    team = parallel
+    distributed = team is not None and team.distributed
     with eval_mode(model), frozen_params(model):
         if steps >= 1:
             every = list({id(p): p for ps in units.values() for p in ps}.values())
-            base, g_all = _loss_and_grads(model, probe_x, probe_y, every, batch_size)
+            if distributed:
+                lo, hi = team.rows(n)
+                total, sums = _loss_and_grad_sums(model, probe_x[lo:hi], probe_y[lo:hi], every, batch_size)
+                parts = [torch.tensor([total], dtype=torch.float64)] + [g.double().flatten() for g in sums]
+                flat = team.sum_(torch.cat(parts))
+                base, at, g_all = float(flat[0]) / n, 1, []
+                for g in sums:
+                    g_all.append((flat[at : at + g.numel()] / n).view_as(g).to(g.dtype))
+                    at += g.numel()
+            else:
+                base, g_all = _loss_and_grads(model, probe_x, probe_y, every, batch_size)
             first = {id(p): g for p, g in zip(every, g_all)}
         else:
             base, first = _mean_ce(model, probe_x, probe_y, batch_size), {}
-        bar = Progress(len(units), "stage 2: robust sensitivity", unit="layers", log=log)
-        for name, params in units.items():
+        mine = team.split(list(units.items())) if distributed else list(units.items())
+        bar = Progress(len(mine), "stage 2: robust sensitivity", unit="layers", log=log)
+        for name, params in mine:
             w0 = [p.detach().clone() for p in params]
             radius = eta * _norm(w0)
             best = base
@@ -149,6 +175,9 @@ def robust_sensitivity(
             scores[name] = best - base
             bar.update(1, f"{name}: rho (CE rise under the weight perturbation) {scores[name]:.4f}")
         bar.close()
+    if distributed:
+        merged = team.merge(scores)
+        scores = {name: float(merged[name]) for name in units}
     return scores
 
 

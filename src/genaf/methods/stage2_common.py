@@ -24,8 +24,7 @@ from torch import nn
 
 from ..attacks.whitebox import pgd
 from ..errors import ConfigError
-from ..utils import generator
-from .base import Context, ParamGroup, Stage
+from .base import Context, ParamGroup, Stage, parallel_of
 from .sensitivity import robust_sensitivity, select_redundant, weight_units
 
 
@@ -35,26 +34,18 @@ def craft_probe(model: nn.Module, ctx: Context, cfg: dict, key: str) -> tuple[to
     a ``fast_step_factor``) the probe is FGSM-RS, like the training attack."""
     val = ctx.data.val.subset(cfg["probe_size"])
     xs, ys = val.float_images().to(ctx.device), val.labels.to(ctx.device)
-    gen = generator(ctx.seed, key)
+    team = parallel_of(ctx)  # under torchrun each process crafts its rows of every batch; all gathered
+    gen = team.generator(ctx.seed, key)
     step = cfg["attack_step"]
     if cfg["attack_steps"] == 1 and cfg.get("fast_step_factor", 0):
         step = cfg["fast_step_factor"] * cfg["eps"]
-    adv = torch.cat(
-        [
-            pgd(
-                model,
-                xs[i : i + 256],
-                ys[i : i + 256],
-                cfg["eps"],
-                step,
-                cfg["attack_steps"],
-                random_start=True,
-                gen=gen,
-            )
-            for i in range(0, len(xs), 256)
-        ]
-    )
-    return adv, ys
+    parts = []
+    for i in range(0, len(xs), 256):
+        x, y = xs[i : i + 256], ys[i : i + 256]
+        lo, hi = team.set_rows(gen, len(x))
+        xa = pgd(model, x[lo:hi], y[lo:hi], cfg["eps"], step, cfg["attack_steps"], random_start=True, gen=gen)
+        parts.append(team.gather_rows(xa))
+    return torch.cat(parts), ys
 
 
 # The length of each ascent step of the sensitivity scoring, as a fraction of the radius η‖W‖,
@@ -102,6 +93,7 @@ def select_layers(model: nn.Module, ctx: Context, cfg: dict, n_selected, key: st
         seed=ctx.seed,
         ascent_fraction=fraction,
         log=ctx.log,
+        parallel=parallel_of(ctx),
     )
     selected = select_redundant(scores, k)
     ctx.log(f"{label}: fine-tuning the {k} most robust-redundant layers: {', '.join(selected)}")
