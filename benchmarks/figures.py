@@ -10,8 +10,8 @@ and copies the plots of its first (encoder, dataset) pair with the DAE setting t
 perturbation on the first test images with the fine-tuned SFT model's predictions, and Gen-AF's
 layer sensitivity) and copies them to ``docs/figures/demo-*.png``.
 
-The pictures committed now come from the small runs of README's "Plots" section; after the real
-runs, ``--bench bench-small --demo demo-run`` replaces them.
+The pictures committed now come from the real runs: ``--bench bench-small --demo demo-run-vit``
+(configs/bench-small.yaml and ``genaf demo --encoder demo-vit``, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def demo_figures(demo: Path, dest: Path) -> list[Path]:
     quick = s == SETTINGS["quick"]
     data = load_dataset(DATASET, n_train=s["n_train"], n_val=s["n_val"], n_test=s["n_test"], seed=seed)
     perts = {p.stem: Perturbation.load(p) for p in sorted((demo / "perturbations").glob("*.safetensors"))}
-    draw(demo, perts, data, seed)
+    draw(demo, perts, data, seed, summary.get("encoder", "demo"))
     out = []
     for p in sorted((demo / "perturbations").glob("*.png")):
         target = dest / f"demo-{p.name}"

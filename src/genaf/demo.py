@@ -171,7 +171,7 @@ def run_demo(
         results[label] = evaluate(run, perts, datamodule=data, device=str(dev), log=log)
     order = ["l4a-base", "ssp-universal", "uniform-noise", "pgd10-wb"]
     table = demo_table(results, order)
-    figures = demo_figures(out, perts, data, seed)
+    figures = demo_figures(out, perts, data, seed, encoder)
     seconds = time.time() - t0
     text = [
         "# genaf demo",
@@ -272,7 +272,7 @@ def craft_demo_perturbations(enc, data, s: dict, folder: Path, dev, seed: int, q
     return perts
 
 
-def demo_figures(out: Path, perts: dict, data, seed: int) -> list[str]:
+def demo_figures(out: Path, perts: dict, data, seed: int, encoder: str = "demo") -> list[str]:
     """Draw the demo's pictures and return the report lines that show them: each DAE on the first
     test images with the fine-tuned ``sft`` model's predictions, δ itself, and the robust
     sensitivity of every layer in Gen-AF's stage 2 (:mod:`genaf.visualize`, :mod:`genaf.bench_report`)."""
@@ -295,7 +295,7 @@ def demo_figures(out: Path, perts: dict, data, seed: int) -> list[str]:
     for name, pert in perts.items():
         path = out / "perturbations" / f"{name}.safetensors"
         save_perturbation_images(
-            pert, data.test.subset(8), path, model=model, class_names=data.classes, model_name="sft", encoder="demo"
+            pert, data.test.subset(8), path, model=model, class_names=data.classes, model_name="sft", encoder=encoder
         )
         lines += [
             f"### {name}",
@@ -308,7 +308,7 @@ def demo_figures(out: Path, perts: dict, data, seed: int) -> list[str]:
     if sens.is_file():
         plot_sensitivity(
             {seed: json.loads(sens.read_text())},
-            f"Robust sensitivity of each layer: genaf, demo → {DATASET}, seed {seed}",
+            f"Robust sensitivity of each layer: genaf, {encoder} → {DATASET}, seed {seed}",
             out / "genaf" / "sensitivity.png",
         )
         lines += [
