@@ -56,18 +56,23 @@ def tiny_vit(folder: Path) -> str:
     return _write(folder, "vit", dict(DEMO_META_VIT, embed_dim=32, depth=2, num_heads=2))
 
 
-def tiny_timm_vit(folder: Path) -> str:
-    """timm's own ``test_vit`` (6 blocks, width 64, patch 16: one patch token at 16 px), random
-    weights saved as safetensors and read back through the ``timm:`` scheme."""
+def _timm_file(folder: Path, name: str) -> str:
+    """timm's model ``name`` with seeded random weights, saved as safetensors; its ``timm:`` spec."""
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = timm.create_model("test_vit", pretrained=False, num_classes=0)
-    path = folder / "timm-test_vit.safetensors"
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    path = folder / f"timm-{name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return f"timm:test_vit:{path}"
+    return f"timm:{name}:{path}"
+
+
+def tiny_timm_vit(folder: Path) -> str:
+    """timm's own ``test_vit`` (6 blocks, width 64, patch 16: one patch token at 16 px), random
+    weights saved as safetensors and read back through the ``timm:`` scheme."""
+    return _timm_file(folder, "test_vit")
 
 
 def tiny_hf_vit(folder: Path) -> str:
@@ -92,15 +97,7 @@ def tiny_hf_vit(folder: Path) -> str:
 def tiny_timm_convnext(folder: Path) -> str:
     """timm's own ``test_convnext`` (a ConvNeXt-style CNN: LayerNorm, depthwise convolutions, stages),
     random weights saved as safetensors and read back through the ``timm:`` scheme."""
-    timm = pytest.importorskip("timm")
-    from safetensors.torch import save_file
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = timm.create_model("test_convnext", pretrained=False, num_classes=0)
-    path = folder / "timm-test_convnext.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return f"timm:test_convnext:{path}"
+    return _timm_file(folder, "test_convnext")
 
 
 ENCODERS: dict[str, Callable[[Path], str]] = {
