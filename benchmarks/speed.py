@@ -1019,6 +1019,8 @@ STAGE2_VARIANTS = {
     "2 steps of 0.5 radius, fraction 0.25 (before run 6)": {"steps": 2, "step_size": 0.5, "ascent_fraction": 0.25},
     "3 steps of 1.0 radius, fraction 0.5 (run 8)": {"steps": 3, "step_size": 1.0, "ascent_fraction": 0.5},
     "2 steps of 1.0 radius, whole probe (run 8)": {"steps": 2, "step_size": 1.0, "ascent_fraction": 1.0},
+    "2 steps of 1.0 radius, fraction 0.5 (run 10)": {"steps": 2, "step_size": 1.0, "ascent_fraction": 0.5},
+    "2 steps of 1.0 radius, fraction 0.375 (run 10)": {"steps": 2, "step_size": 1.0, "ascent_fraction": 0.375},
 }
 
 
