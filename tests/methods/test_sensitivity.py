@@ -71,3 +71,72 @@ def test_steps_are_a_full_radius_long_and_end_on_the_boundary():
     # more full-radius steps re-aim along the boundary: never below the first step's loss
     assert robust_sensitivity(model, x, y, eta=0.1, steps=3)["0"] >= full - 1e-6
     assert torch.equal(w.detach(), w0)
+
+
+# ------------------------------------------------------------------ the prefix cache
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+class Chain(nn.Module):
+    """stem -> blocks (a homogeneous list, as a ViT's) -> head; ``skip_from`` adds block 0's
+    output to the head's input, which breaks the chain (a later block is not fed by its
+    predecessor alone)."""
+
+    def __init__(self, d=8, depth=4, skip_from=False):
+        super().__init__()
+        self.stem = nn.Linear(6, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(depth))
+        self.head = nn.Linear(d, 3)
+        self.skip_from = skip_from
+
+    def forward(self, x):
+        x = self.stem(x)
+        first = None
+        for i, b in enumerate(self.blocks):
+            x = b(x)
+            first = x if i == 0 else first
+        return self.head(x + (first if self.skip_from else 0))
+
+
+def test_prefix_cache_gives_the_scores_of_full_passes_on_the_demo_resnet_and_vit():
+    from genaf.encoders import load_encoder
+    from genaf.methods.sensitivity import PrefixCache
+    from genaf.models import DownstreamModel
+
+    torch.manual_seed(0)
+    for spec, chain in (("demo", 8), ("demo-vit", 4)):
+        model = DownstreamModel(load_encoder(spec), 10).eval()
+        x, y = torch.rand(48, 1, 28, 28), torch.randint(0, 10, (48,))
+        cache = PrefixCache(model, x, 16)
+        assert cache.active and len(cache.blocks) == chain and sorted(cache.kept) == list(range(chain))
+        kw = dict(eta=0.1, steps=2, ascent_fraction=0.5, batch_size=16)
+        full = robust_sensitivity(model, x, y, prefix_cache=False, **kw)
+        cached = robust_sensitivity(model, x, y, **kw)
+        assert full == cached, spec  # the same arithmetic, bit for bit
+        assert max(full.values()) > 0
+
+
+def test_prefix_cache_refuses_a_broken_chain_and_keeps_every_kth_block_under_a_budget():
+    from genaf.methods.sensitivity import PrefixCache
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    good = Chain().eval()
+    assert PrefixCache(good, x, 16).active
+    # a budget for about half the blocks: every second block's output is kept
+    small = PrefixCache(good, x, 16, budget=40 * 8 * 4 * 2)
+    assert small.active and sorted(small.kept) == [1, 3]
+    broken = Chain(skip_from=True).eval()
+    broken.load_state_dict(good.state_dict())
+    lines = []
+    cache = PrefixCache(broken, x, 16, log=lines.append)
+    assert not cache.active and "changes the model's output" in cache.reason and lines
+    kw = dict(eta=0.2, steps=2, ascent_fraction=0.5, batch_size=16)
+    for model in (good, broken):  # scores equal full passes whether the cache is used or refused
+        assert robust_sensitivity(model, x, y, **kw) == robust_sensitivity(model, x, y, prefix_cache=False, **kw)

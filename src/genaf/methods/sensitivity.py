@@ -15,7 +15,14 @@ Cost (what makes scoring every layer cheap):
 - the remaining ``steps − 1`` steps of a unit may use a leading fraction of the probe
   (``ascent_fraction``); the final evaluation always uses the whole probe;
 - during a unit's steps only that unit's tensors require gradients, so no graph is built
-  below the scored layer and the backward pass never runs past it.
+  below the scored layer and the backward pass never runs past it;
+- the forward pass does not recompute what the perturbation cannot change: the outputs of the
+  backbone's chain of blocks (a ResNet's residual blocks in order, a ViT's transformer blocks)
+  are kept for the whole probe from one unperturbed pass (:class:`PrefixCache`), and a unit
+  inside block ``j`` (or in the head, after every block) starts from block ``j − 1``'s kept
+  output. The scores are those of full forward passes: the chain is checked on the probe's
+  first batch before it is used (every skip must reproduce the model's logits), and a model
+  whose blocks do not form a chain is scored with full passes.
 
 A *unit* is a named parameter group picked by a selector (here: each Conv2d/Linear weight),
 so other groupings can be scored by passing other units. The default is by module type, so it
@@ -27,6 +34,7 @@ and class tokens are never units: they stay frozen in stage 2.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -47,21 +55,23 @@ def weight_units(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 @torch.no_grad()
-def _mean_ce(model, xs, ys, batch_size) -> float:
+def _mean_ce(model, xs, ys, batch_size, cache: PrefixCache | None = None) -> float:
     total = 0.0
     for i in range(0, len(xs), batch_size):
+        if cache is not None:
+            cache.offset = i
         total += float(F.cross_entropy(model(xs[i : i + batch_size]), ys[i : i + batch_size], reduction="sum"))
     return total / len(xs)
 
 
-def _loss_and_grads(model, xs, ys, params, batch_size) -> tuple[float, list[torch.Tensor]]:
+def _loss_and_grads(model, xs, ys, params, batch_size, cache=None) -> tuple[float, list[torch.Tensor]]:
     """Mean cross-entropy over ``xs`` and its gradient with respect to ``params`` (which are
     made to require gradients for the call; everything else is assumed frozen)."""
-    total, grads = _loss_and_grad_sums(model, xs, ys, params, batch_size)
+    total, grads = _loss_and_grad_sums(model, xs, ys, params, batch_size, cache)
     return total / len(xs), [g / len(xs) for g in grads]
 
 
-def _loss_and_grad_sums(model, xs, ys, params, batch_size) -> tuple[float, list[torch.Tensor]]:
+def _loss_and_grad_sums(model, xs, ys, params, batch_size, cache=None) -> tuple[float, list[torch.Tensor]]:
     """The summed cross-entropy over ``xs`` and its gradient (see :func:`_loss_and_grads`)."""
     for p in params:
         p.requires_grad_(True)
@@ -69,6 +79,8 @@ def _loss_and_grad_sums(model, xs, ys, params, batch_size) -> tuple[float, list[
         grads = [torch.zeros_like(p) for p in params]
         total = 0.0
         for i in range(0, len(xs), batch_size):
+            if cache is not None:
+                cache.offset = i
             with torch.enable_grad():
                 loss = F.cross_entropy(model(xs[i : i + batch_size]), ys[i : i + batch_size], reduction="sum")
                 gs = torch.autograd.grad(loss, params, allow_unused=True)
@@ -86,6 +98,143 @@ def _norm(ts) -> float:
     return float(torch.sqrt(sum(t.double().pow(2).sum() for t in ts)))
 
 
+def block_chain(model: nn.Module) -> list[str]:
+    """The backbone's blocks in order, by full module name (:mod:`genaf.encoders.layout`): a
+    CNN's stages' blocks one after another, or a transformer's blocks; [] when none are found."""
+    from ..encoders.layout import _inner_blocks, _join, block_names, stage_names
+
+    for prefix, mod in model.named_modules():
+        stages = stage_names(mod)
+        if stages:
+            return [_join(prefix, b) for st in stages for b in _inner_blocks(st, mod.get_submodule(st))]
+        blocks = block_names(mod)
+        if blocks:
+            return [_join(prefix, b) for b in blocks]
+    return []
+
+
+# The most memory the kept block outputs may take (bytes); beyond it only every k-th block's
+# output is kept (a unit then starts from the nearest kept block before its own).
+PREFIX_CACHE_BYTES = 2 * 1024**3
+
+
+class PrefixCache:
+    """The outputs of a chain of blocks on the whole probe, from one unperturbed pass, to start
+    a perturbed forward pass at the block that holds the perturbed unit (see the module
+    docstring). Use :meth:`skip` around the passes of one unit; the loops set :attr:`offset`
+    (the probe row the next batch starts at). :attr:`active` is False (and nothing is skipped)
+    when the model has no chain of blocks or a skip did not reproduce the full pass."""
+
+    def __init__(
+        self, model: nn.Module, xs: torch.Tensor, batch_size: int, log=None, budget: int = PREFIX_CACHE_BYTES
+    ) -> None:
+        self.model, self.offset, self.active, self.reason = model, 0, False, ""
+        names = block_chain(model)
+        self.blocks = [model.get_submodule(n) for n in names]
+        self.names = names
+        self.kept: dict[int, torch.Tensor] = {}
+        self.position: dict[int, int] = {}  # id(module) -> blocks completed before its first call
+        if len(self.blocks) < 2:
+            self.reason = "no chain of blocks found"
+            return
+        n = len(xs)
+        outs: dict[int, list[torch.Tensor]] = {j: [] for j in range(len(self.blocks))}
+        done = [0]
+        hooks = []
+
+        def after(j):
+            def hook(_m, _args, out):
+                if isinstance(out, torch.Tensor):
+                    outs[j].append(out.detach())
+                done[0] = j + 1
+
+            return hook
+
+        def before(mod):
+            def hook(_m, _args):
+                self.position.setdefault(id(mod), done[0])
+
+            return hook
+
+        for j, b in enumerate(self.blocks):
+            hooks.append(b.register_forward_hook(after(j)))
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                hooks.append(m.register_forward_pre_hook(before(m)))
+        try:
+            with torch.no_grad():
+                first = model(xs[:batch_size])
+                per_row = [sum(t.numel() * t.element_size() for t in outs[j]) / len(first) for j in outs]
+                if any(len(outs[j]) != 1 for j in outs):
+                    self.reason = "a block is called more than once, or returns no tensor"
+                    return
+                every = max(1, math.ceil(sum(per_row) * n / budget))
+                keep = [j for j in range(len(self.blocks)) if (j + 1) % every == 0]
+                parts = {j: [outs[j][0]] for j in keep}
+                for i in range(batch_size, n, batch_size):
+                    for j in outs:
+                        outs[j].clear()
+                    done[0] = 0
+                    model(xs[i : i + batch_size])
+                    for j in keep:
+                        parts[j].append(outs[j][0])
+        finally:
+            for h in hooks:
+                h.remove()
+        self.kept = {j: torch.cat(parts[j]) for j in keep}
+        # the chain must hold: every skip reproduces the full pass on the first batch
+        with torch.no_grad():
+            for s in range(1, len(self.blocks) + 1):
+                self.offset = 0
+                with self._skipping(s):
+                    out = model(xs[:batch_size])
+                if not torch.allclose(out, first, rtol=1e-5, atol=1e-6):
+                    self.kept, self.reason = {}, f"skipping to after {names[s - 1]} changes the model's output"
+                    break
+            else:
+                self.active = True
+        if not self.active and log:
+            log(f"stage 2: scoring with full forward passes ({self.reason})")
+
+    def _start(self, s: int) -> int:
+        """The kept block to start from when the first ``s`` blocks are unchanged (-1: none)."""
+        return max((j for j in self.kept if j < s), default=-1)
+
+    @contextlib.contextmanager
+    def _skipping(self, s: int):
+        c = self._start(s)
+        if c < 0:
+            yield
+            return
+        kept = self.kept[c]
+
+        def start(x, *_a, **_k):
+            return kept[self.offset : self.offset + len(x)]
+
+        def identity(x, *_a, **_k):
+            return x
+
+        patched = [(self.blocks[0], start)] + [(b, identity) for b in self.blocks[1 : c + 1]]
+        for b, f in patched:
+            b.forward = f
+        try:
+            yield
+        finally:
+            for b, _ in patched:
+                del b.forward
+
+    def skip(self, params: list[nn.Parameter]):
+        """A context in which the model's passes start after the last block that none of
+        ``params`` is in (a no-op when inactive or when a parameter's module was never seen)."""
+        if not self.active:
+            return contextlib.nullcontext()
+        owners = {id(p): m for m in self.model.modules() for p in m.parameters(recurse=False)}
+        where = [self.position.get(id(owners.get(id(p)))) for p in params]
+        if any(w is None for w in where):
+            return contextlib.nullcontext()
+        return self._skipping(min(where))
+
+
 def robust_sensitivity(
     model: nn.Module,
     probe_x: torch.Tensor,
@@ -99,6 +248,7 @@ def robust_sensitivity(
     log=None,
     ascent_fraction: float = 1.0,
     parallel=None,
+    prefix_cache: bool = True,
 ) -> dict[str, float]:
     """The robust sensitivity dictionary ``{unit name: ρ}`` (see the module docstring).
 
@@ -117,6 +267,9 @@ def robust_sensitivity(
     processes), scores its share of the units (round robin) on the whole probe, and every process
     returns the merged dictionary, in the order of ``units``. A unit's score is computed by one
     process exactly as a single process computes it.
+
+    ``prefix_cache`` (default on): start each unit's passes from the kept output of the block
+    before it (:class:`PrefixCache`); off, every pass runs the whole model (same scores).
     """
     units = units if units is not None else weight_units(model)
     n = len(probe_x)
@@ -143,6 +296,7 @@ def robust_sensitivity(
         else:
             base, first = _mean_ce(model, probe_x, probe_y, batch_size), {}
         mine = team.split(list(units.items())) if distributed else list(units.items())
+        cache = PrefixCache(model, probe_x, batch_size, log=log) if prefix_cache and steps >= 1 and mine else None
         bar = Progress(len(mine), "stage 2: robust sensitivity", unit="layers", log=log)
         for name, params in mine:
             w0 = [p.detach().clone() for p in params]
@@ -151,24 +305,25 @@ def robust_sensitivity(
             d = [torch.zeros_like(t) for t in w0]
             try:
                 grads = [first[id(p)] for p in params] if steps >= 1 else []
-                for k in range(steps):
-                    if k > 0:
+                with cache.skip(params) if cache is not None else contextlib.nullcontext():
+                    for k in range(steps):
+                        if k > 0:
+                            for p, t0, dt in zip(params, w0, d):
+                                p.data.copy_(t0 + dt)
+                            loss, grads = _loss_and_grads(model, sub_x, sub_y, params, batch_size, cache)
+                            if m == n:
+                                best = max(best, loss)
+                        gn = _norm(grads)
+                        if gn == 0 or radius == 0:
+                            break
+                        d = [dt + step_size * radius * gt / gn for dt, gt in zip(d, grads)]
+                        dn = _norm(d)
+                        if dn > radius:
+                            d = [dt * (radius / dn) for dt in d]
+                    if any(bool(dt.any()) for dt in d):
                         for p, t0, dt in zip(params, w0, d):
                             p.data.copy_(t0 + dt)
-                        loss, grads = _loss_and_grads(model, sub_x, sub_y, params, batch_size)
-                        if m == n:
-                            best = max(best, loss)
-                    gn = _norm(grads)
-                    if gn == 0 or radius == 0:
-                        break
-                    d = [dt + step_size * radius * gt / gn for dt, gt in zip(d, grads)]
-                    dn = _norm(d)
-                    if dn > radius:
-                        d = [dt * (radius / dn) for dt in d]
-                if any(bool(dt.any()) for dt in d):
-                    for p, t0, dt in zip(params, w0, d):
-                        p.data.copy_(t0 + dt)
-                    best = max(best, _mean_ce(model, probe_x, probe_y, batch_size))
+                        best = max(best, _mean_ce(model, probe_x, probe_y, batch_size, cache))
             finally:
                 for p, t0 in zip(params, w0):
                     p.data.copy_(t0)
