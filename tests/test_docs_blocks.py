@@ -14,7 +14,8 @@ How they run: the blocks of one doc run in document order in one temporary folde
 uses what an earlier one wrote), in this process (`genaf.cli.main`, `exec`), one thread.
 
 Small sizes, made here and nowhere in the library (what each command computes is what its flags say):
-- `genaf finetune / attack / pretrain` get size flags appended (the last value of a flag wins):
+- `genaf finetune / attack / pretrain` get size flags appended (the last value of a flag wins), and
+  `genaf assess` gets `--quick`:
   `SMALL_FLAGS` below, plus `--set stage2_epochs=1` for methods with a stage 2 and
   `--set iterations=4` for attacks with iterations.
 - `genaf bench CONFIG` runs a copy of CONFIG cut to its first encoder, dataset, method, attack, ε
@@ -73,6 +74,7 @@ SMALL_FLAGS = {
     "finetune": ["--n-train", "64", "--n-val", "16", "--n-test", "16", "--epochs", "1"],
     "attack": ["--n-surrogate", "32"],
     "pretrain": ["--n-images", "64", "--epochs", "1", "--n-test", "64", "--batch-size", "32"],
+    "assess": ["--quick"],
 }
 SMALL_ITERATIONS = 4
 # Python blocks: size keywords and their small values.
@@ -428,6 +430,7 @@ def test_the_harness_itself():
     assert argv[7:] == SMALL_FLAGS["finetune"]  # sft has no stage 2
     assert small_argv(["attack", "--attack", "ssp-universal"], ROOT)[-2:] == ["--set", "iterations=4"]
     assert small_argv(["inspect", "demo"], ROOT) == ["inspect", "demo"]
+    assert small_argv(["assess", "demo", "fashion-mnist"], ROOT) == ["assess", "demo", "fashion-mnist", "--quick"]
 
 
 def test_cli_md_holds_usage_lines_only():

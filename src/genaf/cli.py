@@ -386,6 +386,92 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p, seed="the run's own seed; another value is refused")
 
+    p = sub.add_parser(
+        "assess",
+        help="how exposed is a task to DAEs, and is a defence worth it: cheap SFT, the DAE suite, a recommendation",
+        description="Fine-tune ENCODER on DATASET with SFT (cheaply), craft the universal DAE suite (l4a-base, "
+        "ssp-universal; uniform noise as the control) on the original encoder from surrogate data, report the "
+        "exposure (robust accuracy under each DAE, the worst case, the noise control) and recommend no defence, "
+        "Gen-AF or an AT-family method from measured regimes, with the expected clean-accuracy cost and the "
+        "estimated time of the defence; writes OUT/assess.json, OUT/assess.md and OUT/assess.png (docs/ASSESS.md).",
+    )
+    p.add_argument("encoder", help=f"encoder spec, as genaf finetune --encoder takes it: {_encoder_choices()}")
+    p.add_argument("dataset", help=f"the task's dataset, as genaf finetune --dataset takes it: {_dataset_choices()}")
+    p.add_argument(
+        "--surrogate",
+        default=None,
+        help="dataset whose surrogate reserve the attacker crafts from (its training images in no split of any "
+        f"genaf finetune on it), read from its usual place: {_dataset_choices()} (default: a public dataset other "
+        "than the task: rendered-digits for a Fashion-MNIST task, else fashion-mnist-demo)",
+    )
+    p.add_argument(
+        "--same-domain",
+        action="store_true",
+        help="also craft the suite from the task's own surrogate reserve (disjoint from its splits, as genaf attack "
+        "does), reported as the worst case if the attacker holds data of your domain (default: off)",
+    )
+    p.add_argument(
+        "--n-surrogate",
+        type=int,
+        default=None,
+        help="surrogate images per surrogate dataset (exactly this many, or an error) "
+        "(default: 1000, 64 with --quick, or all the reserve holds when it holds fewer)",
+    )
+    p.add_argument("--eps", default="16/255", help="L-inf budget of the DAEs, e.g. 16/255 (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="SFT epochs (default 2, 1 with --quick)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="training batch size, also of the cost estimate (default 128)"
+    )
+    p.add_argument(
+        "--regimes",
+        default=None,
+        help="a regimes file of measured results to recommend from (JSON, fields in docs/ASSESS.md) "
+        "(default: the shipped genaf/assets/regimes.json)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (256 train / 100 val / 128 test images, 64 surrogates, 4 crafting iterations, 1 epoch): a "
+        "smoke test in seconds, not a measurement (default: off)",
+    )
+    p.add_argument("--out", default="assess-run", help="output folder, new or empty (default %(default)s)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder holding the task dataset's files (default: the dataset's usual place; a root without the "
+        "files is an error)",
+    )
+    p.add_argument(
+        "--download", action="store_true", default=None, help="download the datasets if missing (default: no)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize the task's images to this square side; the surrogate images get the task's size "
+        "(default: native size)",
+    )
+    p.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help="SFT training images (default: all left after reserve and validation, at most 3000; 256 with --quick)",
+    )
+    p.add_argument(
+        "--n-val",
+        type=int,
+        default=None,
+        help="validation images (default 10%% of the training images left, at most 1000; 100 with --quick)",
+    )
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=None,
+        help="test images the exposure is measured on (default: the test split, at most 2000; 128 with --quick)",
+    )
+    _reserve_arg(p)
+    _common(p)
+
     p = sub.add_parser("pretrain", help="self-supervised pre-training of a small encoder (SimCLR or BYOL)")
     p.add_argument(
         "--dataset", default="fashion-mnist", help=f"dataset: {_dataset_choices()} (default %(default)s)"
@@ -706,6 +792,41 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def cmd_assess(a) -> int:
+    from .assess import run_assess, summary_lines
+
+    res = run_assess(
+        a.encoder,
+        a.dataset,
+        a.out,
+        surrogate=a.surrogate,
+        same_domain=a.same_domain,
+        eps=_eps(a.eps),
+        epochs=a.epochs,
+        quick=a.quick,
+        n_surrogate=a.n_surrogate,
+        regimes=a.regimes,
+        data={
+            "root": a.data_root,
+            "image_size": a.image_size,
+            "n_train": a.n_train,
+            "n_val": a.n_val,
+            "n_test": a.n_test,
+            "download": a.download,
+            "surrogate_reserve": a.surrogate_reserve,
+        },
+        batch_size=128 if a.batch_size is None else a.batch_size,
+        device=a.device or "auto",
+        seed=a.seed or 0,
+        log=_log(a) or _silent,
+    )
+    _warn_checks({"checks": res["sft"].get("checks") or {}})
+    for line in summary_lines(res):
+        print(line)
+    print(f"report: {Path(a.out) / 'assess.md'}")
+    return 0
+
+
 def cmd_pretrain(a) -> int:
     from .data import load_dataset
     from .encoders.base import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD
@@ -856,6 +977,7 @@ COMMANDS = {
     "finetune": cmd_finetune,
     "attack": cmd_attack,
     "evaluate": cmd_evaluate,
+    "assess": cmd_assess,
     "pretrain": cmd_pretrain,
     "inspect": cmd_inspect,
     "export": cmd_export,
