@@ -512,3 +512,27 @@ def test_encoder_lock_created_once_by_shards_starting_together(tmp_path):
     _encoder_file(enc, seed=1)
     with pytest.raises(CheckpointError, match=f"locked sha256 {sha}"):
         check_encoder_lock(cfg, out, log=logs.append)
+
+
+def test_a_finetune_stopped_before_its_first_checkpoint_starts_again(tmp_path):
+    """Killed after a unit's fine-tune wrote config.yaml but before its first epoch checkpoint, the
+    run folder holds nothing to resume from: the next bench empties it and fine-tunes again (it
+    used to stop with 'already holds a run'); a fine-tune still running in it is left alone."""
+    from genaf.api import check_run_dir, run_lock
+    from genaf.bench import Bench
+
+    bench = Bench(load_config(TINY), tmp_path, log=lambda *_: None)
+    seed, enc, ds, m = bench.units()[0]
+    run = bench.run_dir(enc, ds, m, seed)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_run_dir(run, resume=False)
+    held = run_lock(run)  # a live fine-tune in the folder
+    with pytest.raises(ConfigError, match="another genaf is writing"):
+        bench._clear_unstarted(run)
+    held.close()
+    assert (run / "config.yaml").is_file()
+    bench._clear_unstarted(run)
+    assert [p.name for p in run.iterdir()] == [".genaf.lock"]
+    check_run_dir(run, resume=False)  # the fine-tune may start there again

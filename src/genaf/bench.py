@@ -91,6 +91,10 @@ last to finish), or when ``genaf report OUT`` is run after all shards finished, 
 are merged into ``OUT/results.json`` / ``results.csv`` and the report is written: the same
 files as one unsharded run (apart from the ``*_seconds`` columns). While shards hold the
 folder, an unsharded run or a merge is refused.
+
+Ray. ``run_bench(..., ray=True)`` (``genaf bench CONFIG --out DIR --ray [ADDRESS]``, the ``ray``
+extra) runs the units as Ray tasks, each like a shard of one unit, after a wave of tasks that
+craft the perturbations they share; the driver merges the shard files (:mod:`genaf.bench_ray`).
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -1043,6 +1048,10 @@ class Bench:
         from .utils import resolve_device
 
         self.cfg, self.out, self.log, self.shard = cfg, out, log, shard
+        # other processes write into OUT beside this one (shards, Ray tasks): shared inputs are
+        # made under a per-file lock
+        self.shared = shard is not None
+        self.where = f" (shard {shard[0]}/{shard[1]})" if shard else ""  # in the progress lines
         self.locked = locked  # label -> encoder lock entry (check_encoder_lock); None: read OUT's lock
         self._enc_sha: dict[str, list] = {}
         self.dev = resolve_device(cfg.device)
@@ -1348,7 +1357,7 @@ class Bench:
         if key in self._perts:
             return self._perts[key]
         sur, sur_name = self.surrogate(seed)
-        with _file_lock(path) if self.shard else contextlib.nullcontext():
+        with _file_lock(path) if self.shared else contextlib.nullcontext():
             pert = self._load_or_craft(encoder, path, a, eps, seed, sur, sur_name, craft, Perturbation)
             if not path.with_suffix(".delta.png").is_file():
                 _pictures(pert, sur, path)
@@ -1386,6 +1395,8 @@ class Bench:
         if metrics_path.is_file() and (run / "model.safetensors").is_file():
             return json.loads(metrics_path.read_text())
         resume = (run / "checkpoint.pt").is_file()
+        if not resume and run.is_dir() and not (run / "model.safetensors").is_file():
+            self._clear_unstarted(run)
         self.log(f"bench: {'resuming' if resume else 'fine-tuning'} {run.relative_to(self.out)}")
         return finetune(
             _expand(enc_spec),
@@ -1409,6 +1420,28 @@ class Bench:
             datamodule=self.data(ds, seed),
             log=lambda *_a, **_k: None,
         )
+
+    def _clear_unstarted(self, run: Path) -> None:
+        """A fine-tune stopped before its first epoch checkpoint left ``config.yaml`` (and perhaps a
+        log) but nothing to resume from: empty the folder, so that the fine-tune starts again. The
+        run's own lock is taken first, so a fine-tune still running in it is never touched."""
+        import shutil
+
+        from .api import run_lock
+
+        left = [p for p in run.iterdir() if p.name != ".genaf.lock"]
+        if not left:
+            return
+        fh = run_lock(run)
+        try:
+            for p in left:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        finally:
+            fh.close()
+        self.log(f"bench: {run.relative_to(self.out)} was stopped before its first checkpoint: starting it again")
 
     def evaluate_cells(
         self, run: Path, cells: list[dict], perts: dict, dm, metrics, setting_run: str, adv=None, train_s=None
@@ -1477,7 +1510,7 @@ class Bench:
         stem = self.per_sample_stem(enc, ds, a, eps, seed)
         out = {}
         fn = desc = None
-        lock = _file_lock(stem) if self.shard else contextlib.nullcontext()
+        lock = _file_lock(stem) if self.shared else contextlib.nullcontext()
         with lock:
             for split, images in (("test", dm.test), ("val", dm.val)):
                 path = stem.with_name(f"{stem.name}-{split}.safetensors")
@@ -1621,7 +1654,7 @@ class Bench:
 
     def run(self) -> None:
         units = self.units(self.shard)
-        where = f" (shard {self.shard[0]}/{self.shard[1]})" if self.shard else ""
+        where = self.where
         todo = sum(
             1 for (seed, enc, ds, m) in units for k in self.unit_cells(enc, ds, m, seed) if k not in self.rows
         )
@@ -1658,7 +1691,8 @@ def merge_shards(out_dir: str | os.PathLike, log=print) -> bool:
 
 
 def _merge_locked(out: Path, cfg: BenchConfig, log) -> bool:
-    bench = Bench(cfg, out, log=lambda *_: None)
+    # a merge computes nothing: it needs no GPU even when the bench ran on GPUs
+    bench = Bench(dataclasses.replace(cfg, device="cpu"), out, log=lambda *_: None)
     wanted = bench.all_cells()
     bench.load_rows(wanted)
     missing = len(wanted) - len(bench.rows)
@@ -1678,6 +1712,9 @@ def run_bench(
     device=None,
     shard: tuple[int, int] | str | None = None,
     update_lock: bool = False,
+    ray: str | bool | None = None,
+    ray_cpus_per_task: int | None = None,
+    ray_cpus: int | None = None,
 ) -> dict:
     """Run (or finish) the experiment matrix of a bench configuration into ``out_dir``.
 
@@ -1690,6 +1727,10 @@ def run_bench(
     The sha256 of every encoder file is checked against ``OUT/encoders.lock.json`` (written on the
     first run); a changed file is a :class:`~genaf.errors.CheckpointError` unless ``update_lock``,
     which accepts it (module docstring).
+
+    With ``ray`` (True or ``"local"``: a local Ray instance of ``ray_cpus`` CPUs; or the address of
+    a running Ray cluster) the units run as Ray tasks of ``ray_cpus_per_task`` CPUs (and one GPU
+    when the device is CUDA), with the same files and rows (:mod:`genaf.bench_ray`).
     """
     cfg = load_config(config_path_or_dict)
     if device is not None:
@@ -1698,18 +1739,24 @@ def run_bench(
         shard = parse_shard(shard)
     out = Path(out_dir)
     t0 = time.time()
+    if ray is not None and ray is not False:
+        if shard:
+            raise ConfigError(
+                "--ray and --shard do not go together: Ray schedules every unit itself; give one of them"
+            )
+        from .bench_ray import run_bench_ray
+
+        address = None if ray is True else str(ray)
+        return run_bench_ray(
+            config_path_or_dict, cfg, out, log, t0, update_lock, address, cpus_per_task=ray_cpus_per_task,
+            num_cpus=ray_cpus,
+        )
+    if ray_cpus_per_task is not None or ray_cpus is not None:
+        raise ConfigError("--ray-cpus-per-task and --ray-cpus go with --ray; add --ray or drop them")
     if shard:
         return _run_shard(config_path_or_dict, cfg, out, shard, log, t0, update_lock)
     with _lock(out):
-        locked, replaced = check_encoder_lock(cfg, out, update_lock, log)
-        if isinstance(config_path_or_dict, dict):
-            text = yaml.safe_dump(config_path_or_dict, sort_keys=False)
-        else:
-            text = Path(config_path_or_dict).read_text()
-        atomic_write(out / "bench.yaml", lambda tmp: Path(tmp).write_text(text))
-        write_json(out / "bench-resolved.json", cfg.to_dict())
-        if replaced:
-            _log_invalidated(cfg, out, locked, replaced, log)
+        locked = _prepare_unsharded(config_path_or_dict, cfg, out, update_lock, log)
         bench = Bench(cfg, out, log, locked=locked)
         wanted = bench.all_cells()
         bench.load_rows(wanted)
@@ -1727,6 +1774,21 @@ def run_bench(
         "results": str(out / "results.json"),
         "report": str(report),
     }
+
+
+def _prepare_unsharded(config_path_or_dict, cfg: BenchConfig, out: Path, update_lock: bool, log) -> dict:
+    """What a run that holds OUT to itself does first: check the encoder lock, write ``bench.yaml``
+    and ``bench-resolved.json``; returns the encoder lock entries by label."""
+    locked, replaced = check_encoder_lock(cfg, out, update_lock, log)
+    if isinstance(config_path_or_dict, dict):
+        text = yaml.safe_dump(config_path_or_dict, sort_keys=False)
+    else:
+        text = Path(config_path_or_dict).read_text()
+    atomic_write(out / "bench.yaml", lambda tmp: Path(tmp).write_text(text))
+    write_json(out / "bench-resolved.json", cfg.to_dict())
+    if replaced:
+        _log_invalidated(cfg, out, locked, replaced, log)
+    return locked
 
 
 def _write_config(config_path_or_dict, cfg: BenchConfig, out: Path) -> None:

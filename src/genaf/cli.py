@@ -523,6 +523,31 @@ def build_parser() -> argparse.ArgumentParser:
         "the runs and perturbations made from the old files are then made again "
         "(default: a changed file is refused)",
     )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run the units as Ray tasks (needs pip install 'genaf[ray]'): shared perturbations first, then one "
+        "task per unit with its CPUs and GPU; no ADDRESS (or 'local'): start a local Ray instance; an ADDRESS "
+        "(auto, HOST:PORT, ray://HOST:PORT): a running cluster whose nodes have genaf and see --out at the same "
+        "path; not with --shard (default: no Ray, this process runs every unit)",
+    )
+    p.add_argument(
+        "--ray-cpus-per-task",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPUs (and torch threads) each Ray task asks for; a CUDA bench's tasks also ask for 1 GPU (default: 1)",
+    )
+    p.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPUs of the local Ray instance, i.e. how many CPU tasks run at once (default: this machine's cores)",
+    )
     _quiet_debug(p)
     _limit_arg(p)
 
@@ -952,7 +977,15 @@ def cmd_bench(a) -> int:
     from .bench import run_bench
 
     res = run_bench(
-        a.config, a.out, device=a.device, shard=a.shard, update_lock=a.update_lock, log=_log(a) or _silent
+        a.config,
+        a.out,
+        device=a.device,
+        shard=a.shard,
+        update_lock=a.update_lock,
+        log=_log(a) or _silent,
+        ray=a.ray,
+        ray_cpus_per_task=a.ray_cpus_per_task,
+        ray_cpus=a.ray_cpus,
     )
     if res["results"] is None:
         print(f"{len(res['rows'])} result rows of this shard in {a.out}/shards; merge with: genaf report {a.out}")
