@@ -162,3 +162,51 @@ def batchnorm(rank: int, out: str | None = None) -> dict:
         with open(out, "w") as fh:
             json.dump(res, fh)
     return res
+
+
+CRAFT_IMAGES = 64  # surrogate images
+
+
+def craft(rank: int, out: str, specs: dict, via_cli: tuple = ()) -> dict:
+    """Every attack of ``specs`` (``{name: options}``) crafted on the demo encoder from the first
+    surrogate images of Fashion-MNIST, the perturbation written to ``out/NAME.safetensors``: through
+    ``genaf attack`` for the names in ``via_cli`` (the file read back by rank 0), else through
+    ``genaf.craft``. Each call starts and ends its own process group under torchrun's variables.
+    Writes ``out/rank{rank}.json``: ``{name: {"delta": δ flattened, "config": ..., "history": the
+    objective after every step}}`` of what this process holds."""
+    from genaf import api, cli
+    from genaf.attacks import Perturbation
+
+    made = []
+    create = api.create_attack
+
+    def keep(*a, **k):  # the attack objects genaf.craft makes, for their objective histories
+        made.append(create(*a, **k))
+        return made[-1]
+
+    api.create_attack = keep
+    try:
+        sur = data().surrogate(CRAFT_IMAGES)
+        got = {}
+        for name, opts in specs.items():
+            path = f"{out}/{name}.safetensors"
+            if name in via_cli:
+                argv = ["attack", "--encoder", "demo", "--attack", name, "--n-surrogate", str(CRAFT_IMAGES), "--eps"]
+                argv += ["0.05", "--out", path, "--device", "cpu", "--quiet", "--n-train", "64", "--n-val", "48"]
+                for k, v in opts.items():
+                    argv += ["--set", f"{k}={v}"]
+                assert cli.main(argv) == 0
+                assert not torch.distributed.is_initialized()  # the command ended the group it started
+                if rank != 0:
+                    continue
+                pert = Perturbation.load(path)
+            else:
+                pert = api.craft("demo", name, sur, eps=0.05, device="cpu", out=path, **opts)
+                assert not torch.distributed.is_initialized()
+            history = [float(v) for v in getattr(made[-1], "history", [])]
+            got[name] = {"delta": pert.delta.flatten().tolist(), "config": pert.config, "history": history}
+    finally:
+        api.create_attack = create
+    with open(f"{out}/rank{rank}.json", "w") as fh:
+        json.dump(got, fh)
+    return got

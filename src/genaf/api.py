@@ -24,7 +24,7 @@ from .attacks.universal import encoder_hash
 from .config import resolve
 from .data import DataModule, ImageSet, load_dataset
 from .data.module import small_split_warning
-from .distributed import SOLO, check_global_batch, check_train_split, init_team, launched
+from .distributed import BACKENDS, SOLO, check_global_batch, check_train_split, init_team, launched
 from .encoders import Encoder, load_encoder
 from .encoders.base import check_image_size, warn_native_size
 from .errors import CheckpointError, ConfigError, DataError, first_line
@@ -499,6 +499,7 @@ def craft(
     device: str = "auto",
     out: str | Path | None = None,
     log=None,
+    dist_backend: str = "auto",
     **cfg: Any,
 ) -> Perturbation:
     """Craft a universal perturbation with ``attack`` on ``encoder`` from surrogate images.
@@ -507,6 +508,12 @@ def craft(
     that no downstream train/validation split uses. Images of a train, validation or test split
     are refused, since a defender trains or reports on them. The images' dataset, count and
     indices are recorded in ``pert.config['surrogate_data']``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process calls ``craft`` alike: the process group is
+    started (``dist_backend``: auto is nccl on CUDA devices, gloo on CPUs), each process crafts on
+    its rows of every surrogate batch (or, for ``uap``, ``fff`` and ``uniform-noise``, the whole
+    perturbation), only rank 0 writes ``out``, and every process returns rank 0's perturbation
+    (docs/DISTRIBUTED.md).
     """
     check_eps(eps)
     if not isinstance(surrogate, ImageSet):
@@ -523,7 +530,22 @@ def craft(
     enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
     check_image_size(getattr(enc, "meta", {}), tuple(surrogate.images.shape[-2:]))
     warn_native_size(getattr(enc, "meta", {}), tuple(surrogate.images.shape[-2:]))
+    if dist_backend not in BACKENDS:
+        raise ConfigError(f"dist_backend must be one of {', '.join(BACKENDS)}, got '{dist_backend}'")
     dev = resolve_device(device)
+    team = SOLO
+    if launched():  # torchrun: one of several processes (genaf.distributed, docs/DISTRIBUTED.md)
+        team, dev = init_team(dev, dist_backend)
+    try:
+        return _craft_team(enc, attack, surrogate, eps, preset, seed, surrogate_name, dev, out, log, team, cfg)
+    finally:
+        team.close()
+
+
+def _craft_team(enc, attack, surrogate, eps, preset, seed, surrogate_name, dev, out, log, team, cfg) -> Perturbation:
+    """``craft`` once the inputs are checked: on one process, or on each of a torchrun run's."""
+    from .utils import set_quiet
+
     enc = enc.to(dev)
     att = create_attack(attack, enc, preset=preset, eps=eps, seed=seed, **cfg)
     if not hasattr(att, "fit"):
@@ -534,17 +556,31 @@ def craft(
         )
     record = surrogate_record(surrogate)
     name = surrogate_name or f"{surrogate.dataset} surrogate reserve ({len(surrogate)} images)"
-    pert = att.fit(surrogate, device=dev, surrogate=name, log=log)
+    quiet = team.distributed and not team.is_main  # rank 0 alone reports progress
+    was_quiet = set_quiet(True) if quiet else None
+    try:
+        pert = att.fit(surrogate, device=dev, surrogate=name, log=None if quiet else log, parallel=team)
+    finally:
+        if quiet:
+            set_quiet(was_quiet)
     pert.config["seconds"] = round(getattr(att, "seconds", 0.0), 2)
     pert.config["images_seen"] = int(getattr(att, "images_seen", 0) or 0)
     pert.config["surrogate_data"] = record
+    if team.distributed:
+        pert.config["distributed"] = {**team.describe(), "crafting": getattr(att, "parallel_mode", "replicated")}
+        # the processes hold the same δ by construction (sharded) or by the same computation
+        # (replicated); rank 0's is sent to all the same, so every process returns one perturbation
+        team.broadcast_(pert.delta)
+        if pert.mask is not None:
+            team.broadcast_(pert.mask)
+        pert.config = team.broadcast_json(pert.config)
     if out is not None:
         from .utils import perturbation_path
 
         path, note = perturbation_path(out)  # a perturbation is a safetensors file: its name says so
-        if note:
+        if note and team.is_main:
             _warn(log, note)
-        pert.save(path)
+        team.on_main(pert.save, path)  # rank 0 writes; its error, if any, stops every process
     return pert
 
 

@@ -256,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
         "attack",
         help="craft a universal DAE on an encoder from surrogate images",
         description="Craft a universal downstream-agnostic perturbation on an encoder from the surrogate "
-        "reserve of a dataset; writes a .safetensors perturbation file and two PNGs beside it.",
+        "reserve of a dataset; writes a .safetensors perturbation file and two PNGs beside it. Under torchrun "
+        "(torchrun --nproc_per_node=N -m genaf attack ...) the processes share every surrogate batch and take "
+        "the single-process steps; uap, fff and uniform-noise run whole on every process; rank 0 writes "
+        "(docs/DISTRIBUTED.md).",
     )
     p.add_argument("--encoder", default="demo", help=f"encoder spec: {_encoder_choices()} (default %(default)s)")
     p.add_argument(
@@ -312,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="as genaf finetune (checked; the reserve does not move) (default 10%%, as there)",
+    )
+    p.add_argument(
+        "--dist-backend",
+        default="auto",
+        choices=["auto", "nccl", "gloo"],
+        help="under torchrun: the process-group backend; auto is nccl on GPUs, gloo on CPUs "
+        "(docs/DISTRIBUTED.md) (default %(default)s)",
     )
     _reserve_arg(p)
     _common(p)
@@ -743,6 +753,9 @@ def cmd_attack(a) -> int:
         surrogate_reserve=a.surrogate_reserve,
     )
     sur = dm.surrogate(a.n_surrogate)
+    from .distributed import main_process
+
+    main = main_process()  # under torchrun every process crafts its share; rank 0 writes and speaks
     pert = api.craft(
         enc,
         a.attack,
@@ -752,9 +765,12 @@ def cmd_attack(a) -> int:
         seed=a.seed or 0,
         device=a.device or "auto",
         out=out,
-        log=_log(a),
+        log=_log(a) if main else None,
+        dist_backend=a.dist_backend,
         **parse_assignments(a.sets),
     )
+    if not main:
+        return 0
     from .visualize import save_perturbation_images
 
     pics = save_perturbation_images(pert, sur.subset(8), out)

@@ -144,6 +144,19 @@ class Team:
             t.copy_(buf)
         return t
 
+    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``t`` in place with rank 0's ``t`` (same shape and dtype on every process), no
+        autograd; returns it."""
+        if not self.distributed:
+            return t
+        buf = t.detach().to(self.comm_device).contiguous()
+        with self._timed("other"):
+            _dist().broadcast(buf, 0)
+        if buf is not t:
+            with torch.no_grad():
+                t.copy_(buf)
+        return t
+
     def sum_values(self, values: dict[str, float]) -> dict[str, float]:
         """``{key: sum over processes}`` of a dict with the same keys on every process."""
         if not self.distributed:

@@ -61,7 +61,7 @@ from ..utils import Progress, generator
 from .base import EncoderAttack, eval_mode, register_attack
 from .layer_select import AUTO_KEYS, fit_auto
 from .perturbation import MAX_PATCH_FRACTION, Perturbation
-from .universal import encoder_hash
+from .universal import check_rows, encoder_hash, sharing_team
 
 # --- the plain functions of the objective --------------------------------------------------
 
@@ -230,6 +230,7 @@ class AdvEncoder(EncoderAttack):
     """
 
     kind = "additive"
+    parallel_mode = "sharded"  # under a team: the batches' rows shared, the generator's gradients summed
     presets = {
         # METHOD.md §5: ε 10/255, α 5, τ 0.1, r 8 (at 64×64), Adam 2e-4 β (0.5, 0.999),
         # 20 epochs, batch 256; the original's DCGAN widths and 100-d noise.
@@ -327,10 +328,36 @@ class AdvEncoder(EncoderAttack):
         return advencoder_loss(clean_features, self.layer_output(x_adv), x_adv - x, self.alpha, self.tau, r)
 
     # -- crafting ----------------------------------------------------------------------------
-    def fit(self, data, device: str | torch.device = "cpu", surrogate: str = "", log=None) -> Perturbation:
-        """Train the generator on ``data`` (an ImageSet) and return its δ as a Perturbation."""
+    def shared_loss(self, team, x: torch.Tensor, x_adv: torch.Tensor, clean: torch.Tensor):
+        """``(loss, infonce, penalty)``: this process's share of the whole batch's loss (to
+        differentiate), the value of the InfoNCE term (the whole batch's) and of this process's
+        weighted share of the frequency penalty (summed across the processes by the caller).
+
+        InfoNCE compares every pair of the batch, so the features are gathered (with autograd) and
+        the InfoNCE term is computed on the whole batch by every process, divided by the number
+        of processes (the gather's backward adds the processes' gradients up); the frequency
+        penalty is a mean over rows, weighted by this process's share of the rows. The generator
+        gradients of all processes then sum to the gradient of the single-process loss."""
+        adv_all = team.gather_rows(self.layer_output(x_adv), grad=True)
+        clean_all = team.gather_rows(clean)
+        share = len(x) / len(adv_all)
+        info = -self.alpha * info_nce(clean_all, adv_all, self.tau)
+        penalty = frequency_penalty(x_adv - x, self.radius_for(*x.shape[-2:])) * share
+        return info / team.world + penalty, float(info.detach()), float(penalty.detach())
+
+    def fit(
+        self, data, device: str | torch.device = "cpu", surrogate: str = "", log=None, parallel=None
+    ) -> Perturbation:
+        """Train the generator on ``data`` (an ImageSet) and return its δ as a Perturbation.
+
+        ``parallel`` (a team of several processes): each process takes its rows of every batch
+        (the batches and the generator's start are drawn from the seed as one process draws them),
+        computes its share of the loss (:meth:`shared_loss`), and the generator's gradients are
+        summed across the processes before every Adam step, so the generator is the same on every
+        process and takes the single-process steps."""
         if any(self.cfg.get(k) == "auto" for k in AUTO_KEYS):
-            return fit_auto(self, data, device, surrogate, log)
+            return fit_auto(self, data, device, surrogate, log, parallel=parallel)
+        team = sharing_team(parallel)
         device = torch.device(device)
         gen = generator(self.seed, f"attack:{self.name}")
         c, h, w = (int(s) for s in data.images.shape[1:])
@@ -340,26 +367,43 @@ class AdvEncoder(EncoderAttack):
         opt = torch.optim.Adam(params, lr=self.lr, betas=self.betas)
         bs = self.batch_size
         drop_last = len(data) >= bs
+        check_rows(team, bs, len(data), self.name)
+        part = None if team is None else (team.rank, team.world)
         per_epoch = len(data) // bs if drop_last else math.ceil(len(data) / bs)
         total = self.iterations if self.iterations > 0 else self.epochs * per_epoch
         t0, done, seen, history = time.time(), 0, 0, []
         bar = Progress(total, f"crafting {self.name}", unit="generator steps", log=log, lines=10)
         with eval_mode(self.encoder), bar:
             while done < total and per_epoch > 0:
-                for x, _, _ in data.batches(bs, shuffle=True, gen=gen, device=device, drop_last=drop_last):
+                batches = data.batches(bs, shuffle=True, gen=gen, device=device, drop_last=drop_last, part=part)
+                for x, _, _ in batches:
                     with torch.no_grad():
                         clean = self.layer_output(x)
                     with torch.enable_grad():
                         delta = self.make_delta(net(z), h, w)
-                        loss = self.loss(x, self.perturb(x, delta), clean)
+                        x_adv = self.perturb(x, delta)
+                        if team is None:
+                            loss = self.loss(x, x_adv, clean)
+                            value, rows = -float(loss.detach()), len(x)
+                        else:
+                            loss, info, penalty = self.shared_loss(team, x, x_adv, clean)
                         # gradients for the generator only: the encoder's parameters get no .grad
                         grads = torch.autograd.grad(loss, params, only_inputs=True)
+                    if team is not None:  # sum the processes' gradients (and penalty shares, rows)
+                        flat = torch.cat([g.detach().double().flatten() for g in grads])
+                        extra = torch.tensor([penalty, float(len(x))], dtype=torch.float64, device=flat.device)
+                        flat = team.sum_(torch.cat([flat, extra]))
+                        value, rows, at, summed = -(info + float(flat[-2])), int(flat[-1]), 0, []
+                        for g in grads:
+                            summed.append(flat[at : at + g.numel()].view_as(g).to(g.dtype))
+                            at += g.numel()
+                        grads = summed
                     for p, g in zip(params, grads):
                         p.grad = g
                     opt.step()
-                    history.append(-float(loss.detach()))
+                    history.append(value)
                     done += 1
-                    seen += len(x)
+                    seen += rows
                     bar.update(1, f"objective {history[-1]:.4g}")
                     if done >= total:
                         break

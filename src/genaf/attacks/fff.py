@@ -70,7 +70,12 @@ class FFF(UniversalAttack):
     of entries at ±ε above which δ is halved), ``layers`` (comma-separated backbone names; empty
     for :func:`default_layers`), ``size`` (δ's side; 0 = the data's resolution, else the encoder's
     ``input_size``), ``seed`` (uniform init in [−ε, ε]).
+
+    Data-free, so there is no batch to share: under a team of several processes every process
+    crafts the same δ (``parallel`` is accepted and unused; ``genaf.craft`` keeps rank 0's δ).
     """
+
+    parallel_mode = "replicated"
 
     presets = {
         "paper": {
@@ -129,7 +134,9 @@ class FFF(UniversalAttack):
         out = self.tap(fff_input(delta))
         return fff_objective([out[n] for n in self.layers])
 
-    def fit(self, data=None, device: str | torch.device = "cpu", surrogate: str = "", log=None) -> Perturbation:
+    def fit(
+        self, data=None, device: str | torch.device = "cpu", surrogate: str = "", log=None, parallel=None
+    ) -> Perturbation:
         """Craft δ without data (``data`` only sets the resolution) and wrap it as a Perturbation."""
         device = torch.device(device)
         gen = generator(self.seed, f"attack:{self.name}")

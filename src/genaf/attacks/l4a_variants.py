@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import generator
+from ..utils import generator, share
 from .base import LayerTap, register_attack
 from .l4a import l4a_objective
 from .universal import UniversalAttack
@@ -91,6 +91,8 @@ class _WithGaussians:
     It tells ``attack`` how many rows of each batch are real (``attack._n_real``). With
     ``resample_every`` set it draws a new Gaussian batch every that many batches (and counts them in
     ``attack.ugs_batches``); without it, one draw is reused for every batch (for scoring).
+    ``part = (rank, world)``: the Gaussian images are drawn for the whole batch, as one process
+    draws them, and this process keeps its rows of both halves.
     """
 
     def __init__(self, data, attack: L4AUGS, gen: torch.Generator, resample_every: int | None) -> None:
@@ -105,7 +107,7 @@ class _WithGaussians:
     def __len__(self) -> int:
         return len(self.data)
 
-    def batches(self, batch_size, **kw):
+    def batches(self, batch_size, part=None, **kw):
         for x, y, idx in self.data.batches(batch_size, **kw):
             stale = self.every is not None and self.count % self.every == 0
             if self.gauss is None or stale or len(self.gauss) < len(x):
@@ -113,8 +115,12 @@ class _WithGaussians:
             self.count += 1
             if self.every is not None:
                 self.attack.ugs_batches = self.count
+            gauss = self.gauss[: len(x)]
+            if part is not None:
+                lo, hi = share(len(x), *part)
+                x, y, idx, gauss = x[lo:hi], y[lo:hi], idx[lo:hi], gauss[lo:hi]
             self.attack._n_real = len(x)
-            yield torch.cat([x, self.gauss[: len(x)].to(x.device, x.dtype)]), y, idx
+            yield torch.cat([x, gauss.to(x.device, x.dtype)]), y, idx
 
 
 @register_attack("l4a-ugs")
@@ -145,11 +151,11 @@ class L4AUGS(UniversalAttack):
             return self.lam * l4a_objective(act)
         return l4a_ugs_objective(act[n:], act[:n], self.lam)
 
-    def fit(self, data, device="cpu", surrogate="", log=None):
+    def fit(self, data, device="cpu", surrogate="", log=None, parallel=None):
         gen = generator(self.seed, f"attack:{self.name}:ugs")
         self.ugs_batches = 0
         try:
-            return super().fit(_WithGaussians(data, self, gen, self.every), device, surrogate, log)
+            return super().fit(_WithGaussians(data, self, gen, self.every), device, surrogate, log, parallel=parallel)
         finally:
             self._n_real = None
 

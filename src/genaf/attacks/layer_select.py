@@ -78,24 +78,34 @@ def split_surrogate(data: ImageSet) -> tuple[ImageSet, ImageSet]:
 
 
 @torch.no_grad()
-def feature_distortion(encoder, delta, data: ImageSet, device, batch_size: int = 256) -> float:
+def feature_distortion(encoder, delta, data: ImageSet, device, batch_size: int = 256, parallel=None) -> float:
     """Mean ``1 − cos(f(x), f(x'))`` of the encoder's output features over ``data``, where ``x'``
     is ``delta.apply(x)`` for a Perturbation (additive or patch) and ``clamp(x + δ, 0, 1)`` for a
-    plain tensor δ."""
+    plain tensor δ. ``parallel`` (a team of several processes): each process scores its rows of
+    every batch and the sums are added up, so every process returns the same number."""
     apply = delta.apply if hasattr(delta, "apply") else lambda x: (x + delta.to(x.device)).clamp(0, 1)
+    team = parallel if parallel is not None and getattr(parallel, "distributed", False) else None
+    part = None if team is None else (team.rank, team.world)
     total, n = 0.0, 0
     with eval_mode(encoder):
-        for x, _, _ in data.batches(batch_size, device=device):
+        for x, _, _ in data.batches(batch_size, device=device, part=part):
+            if len(x) == 0:
+                continue
             f0 = encoder(x).flatten(1).float()
             f1 = encoder(apply(x)).flatten(1).float()
             total += float((1 - F.cosine_similarity(f0, f1, dim=1)).sum())
             n += len(x)
+    if team is not None:
+        summed = team.sum_values({"total": total, "n": float(n)})
+        total, n = summed["total"], int(summed["n"])
     return total / max(n, 1)
 
 
-def fit_auto(attack, data: ImageSet, device, surrogate: str = "", log=None):
+def fit_auto(attack, data: ImageSet, device, surrogate: str = "", log=None, parallel=None):
     """Craft ``attack`` once per candidate (layer or patch place) and keep the one whose
-    perturbation distorts the encoder's features most on held-out surrogate images."""
+    perturbation distorts the encoder's features most on held-out surrogate images. ``parallel``
+    (a team of several processes) is passed to each candidate's ``fit`` and shares the held-out
+    scoring, so every process holds the same scores and makes the same choice."""
     keys = [k for k in AUTO_KEYS if attack.cfg.get(k) == "auto"]
     if len(keys) != 1:
         raise ConfigError(f"{attack.name}: only one of {AUTO_KEYS} may be 'auto' (got {keys})")
@@ -110,9 +120,9 @@ def fit_auto(attack, data: ImageSet, device, surrogate: str = "", log=None):
         for cand in cands:
             sub = type(attack)(attack.encoder, attack.preset, **{**attack.cfg, key: cand})
             sub_log = (lambda msg, c=cand: log(f"[{key}={c}] {msg}")) if log else None
-            pert = sub.fit(craft_set, device=device, surrogate=surrogate, log=sub_log)
+            pert = sub.fit(craft_set, device=device, surrogate=surrogate, log=sub_log, parallel=parallel)
             seconds += getattr(sub, "seconds", 0.0)
-            scores[cand] = feature_distortion(attack.encoder, pert, held_out, device)
+            scores[cand] = feature_distortion(attack.encoder, pert, held_out, device, parallel=parallel)
             bar.update(1, f"{key}={cand}: held-out feature distortion (mean 1-cos) {scores[cand]:.4f}")
             if best is None or scores[cand] > scores[best[0]]:
                 best = (cand, pert, sub)

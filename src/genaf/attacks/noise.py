@@ -12,9 +12,10 @@ from .universal import UniversalAttack
 
 @register_attack("uniform-noise")
 class UniformNoise(UniversalAttack):
+    parallel_mode = "replicated"  # one seeded draw: nothing to share out
     presets = {"paper": {"eps": 10 / 255, "seed": 0}, "cpu": {"eps": 10 / 255, "seed": 0}}
 
-    def fit(self, data, device="cpu", surrogate: str = "", log=None) -> Perturbation:
+    def fit(self, data, device="cpu", surrogate: str = "", log=None, parallel=None) -> Perturbation:
         gen = generator(self.seed, f"attack:{self.name}")
         c, h, w = data.images.shape[1:]
         delta = (torch.rand((1, c, h, w), generator=gen) * 2 - 1) * self.eps

@@ -33,7 +33,7 @@ from ..errors import ConfigError, unknown
 from .base import register_attack
 from .perturbation import Perturbation
 from .surrogate_head import HEAD_KINDS, head_for_attack
-from .universal import UniversalAttack
+from .universal import UniversalAttack, sharing_team
 
 OBJECTIVES = ("layer-norm", "clipped-ce")
 
@@ -103,10 +103,16 @@ class SGDUAP(UniversalAttack):
         self.head = head_for_attack(self, data, device)
         return self.head
 
-    def fit(self, data, device: str | torch.device = "cpu", surrogate: str = "", log=None) -> Perturbation:
+    def fit(
+        self, data, device: str | torch.device = "cpu", surrogate: str = "", log=None, parallel=None
+    ) -> Perturbation:
         if self.objective_name == "clipped-ce":
-            self.fit_head(data, device)
-        return super().fit(data, device=device, surrogate=surrogate, log=log)
+            self.fit_head(data, device)  # on every process (seeded); rank 0's head is kept by all
+            team = sharing_team(parallel)
+            if team is not None:
+                for t in self.head.state_dict().values():
+                    team.broadcast_(t)
+        return super().fit(data, device=device, surrogate=surrogate, log=log, parallel=parallel)
 
     def objective(self, x_adv, x):
         if self.objective_name == "layer-norm":

@@ -116,7 +116,13 @@ class UAP(UniversalAttack):
     ``deepfool`` ('linf' or 'l2'), ``head`` ('kmeans' or 'probe'), ``head_classes`` (k-means
     clusters), ``head_images`` (surrogate images the head is fitted on; 0 = all), ``batch_size``
     (for the fooling-rate passes), ``seed``.
+
+    The DeepFool loop visits one image at a time and each step starts from the δ the previous one
+    left, so it is not shared out: under a team of several processes every process runs it whole
+    (``parallel`` is accepted and unused; ``genaf.craft`` keeps rank 0's δ).
     """
+
+    parallel_mode = "replicated"
 
     presets = {
         "paper": {
@@ -184,7 +190,9 @@ class UAP(UniversalAttack):
             out.append(self.classifier(xb).argmax(1))
         return torch.cat(out)
 
-    def fit(self, data, device: str | torch.device = "cpu", surrogate: str = "", log=None) -> Perturbation:
+    def fit(
+        self, data, device: str | torch.device = "cpu", surrogate: str = "", log=None, parallel=None
+    ) -> Perturbation:
         device = torch.device(device)
         gen = generator(self.seed, f"attack:{self.name}")
         n = int(self.cfg.get("images") or 0)
