@@ -536,3 +536,13 @@ def test_a_finetune_stopped_before_its_first_checkpoint_starts_again(tmp_path):
     bench._clear_unstarted(run)
     assert [p.name for p in run.iterdir()] == [".genaf.lock"]
     check_run_dir(run, resume=False)  # the fine-tune may start there again
+
+
+def test_encoder_labels_name_bare_specs_by_themselves():
+    from genaf.bench import _encoder_label
+
+    assert _encoder_label("demo") == "demo"
+    assert _encoder_label("demo-vit") == "demo-vit"  # was "x": the empty path after no ':'
+    assert _encoder_label("random") == "random-demo"
+    assert _encoder_label("solo:/ckpts/simclr/last.ckpt") == "simclr-last"
+    assert _encoder_label("timm:vit_tiny_patch16_224:/w/vit.safetensors") == "vit"

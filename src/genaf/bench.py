@@ -335,6 +335,8 @@ def _encoder_label(spec: str) -> str:
         return "demo"
     if scheme == "random":
         return f"random-{rest or 'demo'}"
+    if not rest:  # a bare name (demo-vit, a zoo name): the name itself
+        return _label(scheme)
     path = rest.rsplit(":", 1)[-1]
     stem = Path(path).stem
     if stem in ("last", "model", "checkpoint", "encoder", "backbone"):  # solo-learn: <method>/last.ckpt
