@@ -28,7 +28,7 @@ from .augment import crop_flip
 from .distributed import BACKENDS, BATCHNORM_MODES, SOLO, Team
 from .errors import CheckpointError, ConfigError, first_line
 from .methods.base import Context, Method, ParamGroup, Stage
-from .utils import generator, row_generator, torch_save_atomic, unit_seed
+from .utils import counting_paused, generator, row_generator, torch_save_atomic, unit_seed
 
 CHECKPOINT = "checkpoint.pt"
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
@@ -179,7 +179,7 @@ class PassCounter:
 
     def _hook(self, module, inputs, output) -> None:
         x = inputs[0] if inputs else None
-        if torch.is_tensor(x):
+        if torch.is_tensor(x) and not counting_paused():
             kind = "forward_backward" if torch.is_grad_enabled() else "forward"
             self.counts[self.phase][kind] += int(x.shape[0])
 

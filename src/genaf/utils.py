@@ -447,3 +447,23 @@ def track(items, desc: str, unit: str = "step", log=None, info=None, **kw):
 def pct(v: float | None) -> str:
     """An accuracy (a fraction) as a percentage for logs: 0.4312 -> '43.1 %'."""
     return "n/a" if v is None else f"{100 * float(v):.1f} %"
+
+
+_UNCOUNTED = [0]
+
+
+@contextlib.contextmanager
+def uncounted():
+    """Forward passes that are bookkeeping of an implementation, not a method's work (the prefix
+    cache of stage-2 scoring records and checks the blocks' outputs): ``genaf.train.PassCounter``
+    does not count them, so a method's training budget is the same with or without such a cache,
+    and on one process or several."""
+    _UNCOUNTED[0] += 1
+    try:
+        yield
+    finally:
+        _UNCOUNTED[0] -= 1
+
+
+def counting_paused() -> bool:
+    return _UNCOUNTED[0] > 0

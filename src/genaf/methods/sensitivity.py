@@ -43,7 +43,7 @@ from torch import nn
 
 from ..attacks.base import eval_mode
 from ..attacks.whitebox import frozen_params
-from ..utils import Progress
+from ..utils import Progress, uncounted
 
 
 def weight_units(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -162,7 +162,7 @@ class PrefixCache:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 hooks.append(m.register_forward_pre_hook(before(m)))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), uncounted():
                 first = model(xs[:batch_size])
                 per_row = [sum(t.numel() * t.element_size() for t in outs[j]) / len(first) for j in outs]
                 if any(len(outs[j]) != 1 for j in outs):
@@ -183,13 +183,18 @@ class PrefixCache:
                 h.remove()
         self.kept = {j: torch.cat(parts[j]) for j in keep}
         # the chain must hold: every skip reproduces the full pass on the first batch
-        with torch.no_grad():
+        with torch.no_grad(), uncounted():
             for s in range(1, len(self.blocks) + 1):
                 self.offset = 0
-                with self._skipping(s):
-                    out = model(xs[:batch_size])
-                if not torch.allclose(out, first, rtol=1e-5, atol=1e-6):
-                    self.kept, self.reason = {}, f"skipping to after {names[s - 1]} changes the model's output"
+                try:
+                    with self._skipping(s):
+                        out = model(xs[:batch_size])
+                except (RuntimeError, ValueError, TypeError) as e:  # e.g. a stage's downsampling between blocks
+                    out, why = None, f"skipping to after {names[s - 1]} fails ({type(e).__name__})"
+                else:
+                    why = f"skipping to after {names[s - 1]} changes the model's output"
+                if out is None or out.shape != first.shape or not torch.allclose(out, first, rtol=1e-5, atol=1e-6):
+                    self.kept, self.reason = {}, why
                     break
             else:
                 self.active = True
