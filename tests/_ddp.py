@@ -210,3 +210,27 @@ def craft(rank: int, out: str, specs: dict, via_cli: tuple = ()) -> dict:
     with open(f"{out}/rank{rank}.json", "w") as fh:
         json.dump(got, fh)
     return got
+
+
+def distributed_references(package: str) -> dict[str, list[str]]:
+    """``{file name: names}`` of every import of, or attribute access on, ``torch.distributed`` in
+    the ``.py`` files of ``genaf/<package>`` (empty lists when a file has none)."""
+    import ast
+    from pathlib import Path
+
+    import genaf
+
+    found = {}
+    for f in (Path(genaf.__file__).parent / package).glob("*.py"):
+        hits = []
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                names = [f"{node.value.id}.{node.attr}"]
+            hits += [n for n in names if n.startswith("torch.distributed")]
+        found[f.name] = hits
+    return found

@@ -127,23 +127,9 @@ def test_global_batchnorm_of_two_halves_is_batchnorm_of_the_whole_batch(tmp_path
 def test_methods_import_nothing_of_torch_distributed():
     """The Trainer owns data parallelism: no method file imports or touches ``torch.distributed``;
     methods reach the other processes through ``ctx.parallel`` only."""
-    import ast
-    from pathlib import Path
-
-    import genaf
-
-    files = list((Path(genaf.__file__).parent / "methods").glob("*.py"))
-    assert len(files) > 5
-    for f in files:
-        for node in ast.walk(ast.parse(f.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                names = [f"{node.value.id}.{node.attr}"]
-            assert not any(n.startswith("torch.distributed") for n in names), (f.name, names)
+    found = _ddp.distributed_references("methods")
+    assert len(found) > 5
+    assert not {f: names for f, names in found.items() if names}
 
 
 def test_sensitivity_dictionary_of_two_ranks_equals_one_rank(tmp_path, tiny_data):
