@@ -182,3 +182,40 @@ def test_whitebox_vs_transfer_check_fires_on_gradient_masking():
     assert pair["whitebox_ra"] > pair["transfer_ra"] + pair["margin"]
     ok = check_whitebox_vs_transfer({0.1: 0.40}, {"dae": (0.1, 0.45)}, 200)
     assert ok["passed"]
+
+
+def test_whitebox_results_are_reused_only_for_the_same_weights_images_and_settings():
+    """A second evaluation of the same model on the same images takes the white-box PGD runs of
+    the first (the demo and the bench evaluate each run twice); any change recomputes them."""
+    x, y = _data()
+    model = Linear().eval()
+    dae = Perturbation(delta=torch.full((1, 1, 4, 4), -0.05), eps=0.05, attack="hand")
+    first = run_checks(model, x, y, {"dae": dae}, WB, n_classes=2)
+    assert "whitebox_reused" not in first and first["whitebox_key"]
+    lines = []
+    again = run_checks(model, x, y, {"dae": dae}, WB, n_classes=2, reuse=first, log=lines.append)
+    assert again["whitebox_reused"] is True and any("reused" in s for s in lines)
+    for name in ("pgd_loss_rises", "eps_monotonic", "whitebox_vs_transfer", "whitebox_curve"):
+        assert again[name] == first[name]
+    # a forged curve under the right key is what gets reused: the key, not the numbers, decides
+    forged = {**first, "whitebox_curve": {k: 0.0 for k in first["whitebox_curve"]}}
+    assert run_checks(model, x, y, {"dae": dae}, WB, n_classes=2, reuse=forged)["whitebox_curve"] == forged[
+        "whitebox_curve"
+    ]
+    # other weights, images, seed or PGD settings: recomputed, not reused
+    other = Linear().eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+    changed = [
+        run_checks(other, x, y, {"dae": dae}, WB, n_classes=2, reuse=forged),
+        run_checks(model, x.flip(0), y.flip(0), {"dae": dae}, WB, n_classes=2, reuse=forged),
+        run_checks(model, x, y, {"dae": dae}, WB, n_classes=2, seed=1, reuse=forged),
+        run_checks(model, x, y, {"dae": dae}, {**WB, "steps": WB["steps"] + 1}, n_classes=2, reuse=forged),
+    ]
+    for rep in changed:
+        assert "whitebox_reused" not in rep and rep["whitebox_key"] != first["whitebox_key"]
+        assert rep["whitebox_curve"] != forged["whitebox_curve"]
+    # an earlier report that lacks an ε now needed (a new perturbation's) is recomputed
+    wider = Perturbation(delta=torch.full((1, 1, 4, 4), -0.07), eps=0.07, attack="hand")
+    assert "whitebox_reused" not in run_checks(model, x, y, {"dae": wider}, WB, n_classes=2, reuse=first)

@@ -754,6 +754,7 @@ def evaluate(
         adversarial=adversarial,
         split_indices=None if other else {"train": dm.train.indices, "val": dm.val.indices},
         log=log,
+        reuse_checks=(run_metrics if split == "test" else run_metrics.get("validation") or {}).get("checks"),
     )
     new = res["metrics"]
     if out is not None:

@@ -242,6 +242,26 @@ def check_whitebox_vs_transfer(wb_acc: dict[float, float], transfer: dict[str, t
     }
 
 
+def whitebox_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, wb: dict, seed: int) -> str:
+    """A digest of everything the white-box self-checks depend on: the model's class and every
+    parameter and buffer, the images and labels, the PGD settings, the seed, the device type and
+    the genaf and torch versions. Two runs with one key compute the same numbers."""
+    import hashlib
+    import json
+
+    from . import __version__
+
+    h = hashlib.sha256()
+    meta = [type(model).__qualname__, str(x.device.type), __version__, torch.__version__, seed, wb]
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name, t in list(model.state_dict().items()) + [("x", x), ("y", y)]:
+        shape = t.shape
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def run_checks(
     model: nn.Module,
     x: torch.Tensor,
@@ -251,9 +271,15 @@ def run_checks(
     n_classes: int | None = None,
     seed: int = 0,
     log=None,
+    reuse: dict | None = None,
 ) -> dict:
     """Every check on one batch of test images ``x`` (labels ``y``); the model is in eval mode.
-    ``log``: where progress lines go off a terminal (one per white-box PGD run)."""
+    ``log``: where progress lines go off a terminal (one per white-box PGD run).
+    ``reuse``: an earlier report of these checks (a run's ``metrics.json`` ``checks``): when its
+    ``whitebox_key`` equals this call's (:func:`whitebox_key`: same model weights, images, PGD
+    settings, seed, device type and versions) and it holds every ε needed, its white-box PGD
+    results are taken instead of recomputed (``whitebox_reused`` says so); the other checks
+    always run."""
     out = {"n_images": int(len(x)), "logits": check_logits(model, x, n_classes)}
     if whitebox:
         base = float(whitebox["eps"])
@@ -262,11 +288,26 @@ def run_checks(
             n: p for n, p in (perturbations or {}).items() if p.kind == "additive" and 0 < p.eps <= 1 and p.linf() > 0
         }
         eps_list = sorted(set(eps_list) | {float(p.eps) for p in additive.values()})
-        bar = Progress(1 + len(eps_list), f"self-checks on {len(x)} images", unit="PGD runs", log=log)
-        with bar:
-            out["pgd_loss_rises"] = check_pgd_loss_rises(model, x, y, whitebox, seed)
-            bar.update(1, f"PGD loss rises: {out['pgd_loss_rises']['detail']}")
-            curve = whitebox_curve(model, x, y, whitebox, eps_list, seed, bar=bar)
+        key = whitebox_key(model, x, y, whitebox, seed)
+        old = reuse if isinstance(reuse, dict) and reuse.get("whitebox_key") == key else {}
+        old_curve = old.get("whitebox_curve") or {}
+        if "pgd_loss_rises" in old and all(f"{e:.6f}" in old_curve for e in eps_list):
+            out["pgd_loss_rises"] = old["pgd_loss_rises"]
+            curve = {e: float(old_curve[f"{e:.6f}"]) for e in eps_list}
+            out["whitebox_reused"] = True
+            if log is not None:
+                log(
+                    f"self-checks on {len(x)} images: white-box PGD results reused from the earlier evaluation "
+                    "(same weights, images, attack settings and seed)"
+                )
+        else:
+            bar = Progress(1 + len(eps_list), f"self-checks on {len(x)} images", unit="PGD runs", log=log)
+            with bar:
+                out["pgd_loss_rises"] = check_pgd_loss_rises(model, x, y, whitebox, seed)
+                bar.update(1, f"PGD loss rises: {out['pgd_loss_rises']['detail']}")
+                curve = whitebox_curve(model, x, y, whitebox, eps_list, seed, bar=bar)
+        out["whitebox_key"] = key
+        out["whitebox_curve"] = {f"{e:.6f}": curve[e] for e in eps_list}
         out["eps_monotonic"] = check_eps_monotonic({e: curve[e] for e in eps_list if e <= min(1.0, 2 * base)})
         if additive:
             transfer = {n: (float(p.eps), _acc(model, p.apply(x), y)) for n, p in additive.items()}

@@ -114,6 +114,7 @@ def evaluate_model(
     split_indices: dict[str, torch.Tensor] | None = None,
     log=None,
     parallel=None,
+    reuse_checks: dict | None = None,
 ) -> dict:
     """Evaluate ``model`` on ``test`` against universal perturbations, per-sample DAEs and
     white-box PGD.
@@ -144,6 +145,9 @@ def evaluate_model(
             computes; the self-checks run on rank 0 alone. Clean, FGSM and PGD results equal one
             process's; AutoAttack's random draws depend on the rows a process holds. Universal
             perturbations and per-sample DAEs are not sharded (refused).
+        reuse_checks: an earlier ``checks`` report of this model on these images (see
+            :func:`genaf.checks.run_checks`): its white-box PGD runs are reused when nothing
+            they depend on changed.
     Returns:
         the ``metrics.json`` dict (without run metadata) and per-sample predictions.
     """
@@ -197,6 +201,7 @@ def evaluate_model(
                 n_classes,
                 seed,
                 log=log,
+                reuse=reuse_checks,
             )
         start = 0
         n_batches = math.ceil(len(test) / batch_size)
