@@ -122,7 +122,11 @@ def pretrain(
     seed_everything(seed)
     device = torch.device(device)
     meta = dict(meta, method=method)
-    encoder = Encoder(build_backbone(meta), meta).to(device, memory_format=torch.channels_last)
+    # channels_last on CUDA only: it is what the GPU kernels want, and on the CPU torch 2.14.1's
+    # kernel for a 1x1 stride-2 convolution's backward in channels_last (a ResNet downsample of
+    # 4 -> 8 channels, i.e. width 4) corrupts memory on some CPUs (abort, segfault or a hang).
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    encoder = Encoder(build_backbone(meta), meta).to(device, memory_format=fmt)
     d = encoder.feature_dim
     projector = _mlp(d, 2 * d, d).to(device)
     params = list(encoder.parameters()) + list(projector.parameters())
@@ -143,8 +147,8 @@ def pretrain(
         total, nb = 0.0, 0
         batches_bar = Progress(len(data) // batch_size, f"epoch {epoch + 1}/{epochs}", unit="batches")  # terminal only
         for x, _, _ in data.batches(batch_size, shuffle=True, gen=g, device=device, drop_last=True):
-            v1 = ssl_view(x, gen=g).contiguous(memory_format=torch.channels_last)
-            v2 = ssl_view(x, gen=g).contiguous(memory_format=torch.channels_last)
+            v1 = ssl_view(x, gen=g).contiguous(memory_format=fmt)
+            v2 = ssl_view(x, gen=g).contiguous(memory_format=fmt)
             if method == "simclr":
                 loss = nt_xent(projector(encoder(v1)), projector(encoder(v2)), temperature)
             else:
