@@ -4,7 +4,8 @@ For every dataset and method, against a reference method (default ``genaf``) on 
 the difference of clean accuracy and of mean DAE robust accuracy (the universal DAEs of the
 ``dae`` setting, the uniform-noise control excluded), in points, on the validation split (what
 decides) and the test split (reported only); each with its mean and the half-width of a 95 %
-t-interval over the seeds. This is how docs/BENCH.md's ablation table was made:
+t-interval over the seeds. ``genaf report`` (a bench's report.md) prints the same table per
+(encoder, dataset) against the bench's genaf run. This is how docs/BENCH.md's ablation table was made:
 
     python benchmarks/paired_differences.py runs/ablation-small/results.csv --reference genaf
 """
@@ -13,21 +14,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import statistics
 from collections import defaultdict
 
-# two-sided 95 % quantiles of Student's t by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+from genaf.bench_report import t_interval as interval
+
 CONTROLS = ("uniform-noise",)
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """(mean, 95 % half-width); the half-width is nan with one value."""
-    m = statistics.mean(values)
-    if len(values) < 2:
-        return m, float("nan")
-    return m, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def load(path: str) -> tuple[dict, dict]:

@@ -546,3 +546,29 @@ def test_encoder_labels_name_bare_specs_by_themselves():
     assert _encoder_label("random") == "random-demo"
     assert _encoder_label("solo:/ckpts/simclr/last.ckpt") == "simclr-last"
     assert _encoder_label("timm:vit_tiny_patch16_224:/w/vit.safetensors") == "vit"
+
+
+def test_report_gives_paired_differences_with_intervals_on_each_split(tmp_path):
+    """Each method minus genaf on the same seed, with the 95 % t-interval of the mean; validation
+    first (it decides), test after."""
+    rows = _fake_rows()
+    for r in rows:  # validation: genaf one point higher than on test, the others as on test
+        bump = 0.01 if r["method"] == "genaf" else 0.0
+        r["val_clean_acc"], r["val_robust_acc"] = r["clean_acc"] + bump, r["robust_acc"] + bump
+    (tmp_path / "results.json").write_text(json.dumps({"name": "fake", "rows": rows}))
+    text = build_report(tmp_path).read_text()
+    section = text.split("Paired differences from `genaf`")[1].split("Clean–robust trade-off")[0]
+    lines = {ln.split("|")[1].strip(): ln for ln in section.splitlines() if ln.startswith("| ") and "---" not in ln}
+    assert set(lines) == {"method", "sft", "at", "greedy"}
+    assert lines["method"].index("(validation)") < lines["method"].index("(test)")
+    cells = [c.strip() for c in lines["at"].split("|")[2:-1]]
+    # at - genaf, clean: -10, -10 on test, -11, -11 on validation; mean DAE RA: at (65, 68) against
+    # genaf (57.5, 59.5) -> +7.5, +8.5 on test: mean +8.0, sd 0.707, t(1) 12.706 -> ± 6.4
+    assert cells[0] == "-11.0 -11.0 (**-11.0** ± 0.0)"
+    assert cells[1] == "+6.5 +7.5 (**+7.0** ± 6.4)"
+    assert cells[2] == "-10.0 -10.0 (**-10.0** ± 0.0)"
+    assert cells[3] == "+7.5 +8.5 (**+8.0** ± 6.4)"
+    # one seed: no interval, and no table
+    one = [r for r in rows if r["seed"] == 0]
+    (tmp_path / "results.json").write_text(json.dumps({"name": "fake", "rows": one}))
+    assert "Paired differences" not in build_report(tmp_path).read_text()

@@ -11,7 +11,9 @@ sign-step δ identical, so the test asks for exact equality of δ and the object
 within 1e-5 relative. AdvEncoder trains a generator with Adam, whose first steps are about
 ``lr·sign(g)`` on every weight, so a weight whose gradient is near zero amplifies the rounding
 difference: after 4 steps δ was within 3e-8 of one process's, after 20 within 6e-4 (1.2 % of ε,
-42 % of pixels apart by more than 1e-7). The test runs 3 steps and allows 1e-5. A real fault is far
+42 % of pixels apart by more than 1e-7). After 3 steps it was within 1e-5 on one machine and 9e-5
+(0.18 % of ε = 0.05) on another (an AMD EPYC); the test runs 3 steps and allows 5e-4 (1 % of ε),
+24 times below the smaller of the two faults below. A real fault is far
 outside these tolerances: δ-gradients not summed across the processes left 47 % of the SSP pixels
 apart (by up to 0.04), and the InfoNCE term not divided among the processes moved AdvEncoder's δ
 by 0.012.
@@ -30,7 +32,7 @@ import _ddp
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OBJECTIVE_RTOL = 1e-5
-ADVENCODER_ATOL = 1e-5
+ADVENCODER_ATOL = 5e-4
 
 # tiny: 64 surrogate images, batches of 32 (16 rows per process), a few steps each
 SPECS = {

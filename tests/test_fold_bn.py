@@ -217,8 +217,13 @@ def small(tiny_data):
 def test_trainer_attacks_the_folded_copy_and_records_it(tmp_path, small, monkeypatch):
     """With ``fold_bn`` (the default) the Trainer attacks the folded copy, records what it folded,
     and counts the attack passes as before; ``fold_bn: false`` attacks the module itself. The two
-    runs train models that agree to float rounding (one epoch, K = 2)."""
-    runs, real = {}, Stage1.attacked_model
+    runs' first adversarial batch (same weights, same data, same draws) agrees to float rounding.
+
+    Later steps are not compared weight by weight: Adam's update is close to ±lr for a parameter
+    whose gradient is at rounding level (a BatchNorm bias at initialisation), so one rounding-level
+    difference flips it; on some CPUs the two runs' BatchNorm biases differ by ~10 % after one
+    epoch with both attacks correct. The trained models are compared by their validation loss."""
+    runs, real, real_attack = {}, Stage1.attacked_model, Stage1.attack
     for fold_bn in (True, False):
         torch.manual_seed(0)
         model = DownstreamModel(load_encoder("random:demo"), small.num_classes)
@@ -226,24 +231,39 @@ def test_trainer_attacks_the_folded_copy_and_records_it(tmp_path, small, monkeyp
         method = create_method("at", epochs=1, attack_steps=2, warmup_epochs=0)
         trainer = Trainer(model, small, method, cfg, tmp_path / str(fold_bn), torch.device("cpu"), log=lambda *_: None)
         seen: list[bool] = []
+        first: list[torch.Tensor] = []
 
         def spy(self, m, ctx, _seen=seen):
             out = real(self, m, ctx)
             _seen.append(out is not m)
             return out
 
+        def spy_attack(self, m, x, y, ctx, *args, _first=first, **kw):
+            out = real_attack(self, m, x, y, ctx, *args, **kw)
+            if not _first:
+                _first.append((x.detach().clone(), out.detach().clone()))
+            return out
+
         monkeypatch.setattr(Stage1, "attacked_model", spy)
+        monkeypatch.setattr(Stage1, "attack", spy_attack)
         trainer.fit()
         monkeypatch.undo()
-        runs[fold_bn] = (model, trainer.attack_fold, trainer.budget(), seen)
-    (on, info_on, budget_on, seen_on), (off, info_off, budget_off, seen_off) = runs[True], runs[False]
+        runs[fold_bn] = (model, trainer.attack_fold, trainer.budget(), seen, first[0])
+    (on, info_on, budget_on, seen_on, adv_on), (off, info_off, budget_off, seen_off, adv_off) = runs[True], runs[False]
     assert info_on == {"fold_bn": True, "folded_pairs": 20}
     assert info_off == {"fold_bn": False, "folded_pairs": 0}
     assert seen_on and all(seen_on) and seen_off and not any(seen_off)
     assert budget_on["encoder_passes_per_train_image"] == budget_off["encoder_passes_per_train_image"]
-    a, b = on.state_dict(), off.state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    # the first adversarial batch: the same as without the fold up to rounding (as in the unit test above)
+    (x_on, adv_on), (x_off, adv_off) = adv_on, adv_off
+    assert torch.equal(x_on, x_off) and 0 < float((adv_on - x_on).abs().max()) <= 8 / 255 + 1e-6
+    differ = ((adv_on - adv_off).abs() > 1e-6).float().mean()
+    assert differ <= 1e-3, float(differ)
+    # the trained models: the same validation loss to 1e-3 (a wrong fold trains on other examples)
+    x, y = small.val.float_images(), small.val.labels
+    with torch.no_grad():
+        loss = [F.cross_entropy(m.eval()(x), y) for m in (on, off)]
+    torch.testing.assert_close(loss[0], loss[1], rtol=1e-3, atol=0)
 
 
 def test_fold_is_off_under_compile():

@@ -107,7 +107,15 @@ def test_attack_and_evaluate_piped_to_a_file_show_every_unit(tiny_run, tmp_path)
         assert re.search(rf"\[layer={re.escape(cand)}\] crafting l4a-base: 4/4 iterations \(100 %\).*objective", text)
     assert "ETA" in text and pert.is_file()
 
-    ev = ["evaluate", "--model", tiny_run, "--perturbation", pert, "--whitebox", "--attack", "ssp"]
+    # a copy of the run without the self-checks its fine-tune recorded: this evaluation runs them
+    import json
+    import shutil
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.pop("checks")
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    ev = ["evaluate", "--model", run, "--perturbation", pert, "--whitebox", "--attack", "ssp"]
     ev += ["--set", "steps=2", "--device", "cpu"]
     text = _piped(tmp_path / "evaluate.log", *ev)
     # 40 test images in batches of 16: 3 batches; per batch the clean+universal unit, ssp, fgsm, pgd
@@ -121,6 +129,11 @@ def test_attack_and_evaluate_piped_to_a_file_show_every_unit(tiny_run, tmp_path)
     assert re.search(r"self-checks on 40 images: 1/\d+ PGD runs.*PGD loss", text)
     assert re.search(r"self-checks on 40 images: (\d+)/\1 PGD runs .*robust acc [\d.]+ %", text)
     assert "clean accuracy" in text
+    # evaluated again, unchanged: the white-box self-checks are taken from the first evaluation, and it says so
+    text = _piped(tmp_path / "again.log", "evaluate", "--model", run, "--perturbation", pert, "--device", "cpu")
+    assert "PGD runs" not in text
+    assert "self-checks on 40 images: white-box PGD results reused from the earlier evaluation" in text
+    assert json.loads((run / "metrics.json").read_text())["checks"]["whitebox_reused"] is True
 
 
 def test_quiet_removes_the_progress_lines(tiny_run, tmp_path):

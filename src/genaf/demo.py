@@ -45,10 +45,10 @@ SETTINGS = {
         "n_val_robust": 256,
         "probe_size": 256,
     },
-    "quick": {
+    "quick": {  # a smoke test of the whole pipeline (the test suite runs it), not the protocol
         "n_train": 512,
         "n_val": 256,
-        "n_test": 256,
+        "n_test": 128,
         "n_surrogate": 256,
         "epochs": 1,
         "stage2_epochs": 1,
