@@ -30,7 +30,7 @@ def test_quick_demo_writes_everything(tmp_path, tiny_data, monkeypatch):
     assert budget == {"sft": 1, "at": 2, "genaf": 3, "sft-budget": 3, "at-budget": 3}
     for m in results:
         met = json.loads((out / m / "metrics.json").read_text())
-        assert 0 <= met["clean_acc"] <= 1 and met["n_test"] == 128 and met["seed"] == 0
+        assert 0 <= met["clean_acc"] <= 1 and met["n_test"] == 64 and met["seed"] == 0
         assert {"l4a-base", "ssp-universal", "uniform-noise", "pgd10-wb"} <= set(met["robust_acc"])
         assert set(met["fooling_rate"]) == set(met["robust_acc"]) and "versions" in met
     report = (out / "report.md").read_text()

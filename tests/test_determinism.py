@@ -4,12 +4,13 @@ import json
 
 import yaml
 
+from _tiny import shared_tiny_resnet
 from genaf import api
 
 
 def _run(out, tiny_data, seed):
     return api.finetune(
-        "random:demo",
+        shared_tiny_resnet(),  # the demo ResNet at width 4, random weights
         "fashion-mnist",
         "at",
         out,
@@ -45,7 +46,7 @@ def test_deterministic_mode_is_recorded_and_restored(tmp_path, tiny_data):
 
     before = torch.are_deterministic_algorithms_enabled()
     m = api.finetune(
-        "random:demo",
+        shared_tiny_resnet(),
         "fashion-mnist",
         "sft",
         tmp_path / "det",

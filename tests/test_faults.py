@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from _reliability import recorder, section
+from _tiny import shared_tiny_resnet
 from genaf.api import run_lock
 
 _record = recorder(
@@ -21,7 +22,8 @@ _record = recorder(
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed")
-SMALL = ["--encoder", "random:demo", "--n-train", "64", "--n-val", "32", "--n-test", "32", "--epochs", "1"]
+# the demo ResNet at width 4 (random weights): the faults are the subject, not the encoder
+SMALL = ["--encoder", shared_tiny_resnet(), "--n-train", "64", "--n-val", "32", "--n-test", "32", "--epochs", "1"]
 SMALL += ["--method", "sft", "--batch-size", "32", "--set", "epochs=1"]
 
 

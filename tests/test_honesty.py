@@ -12,6 +12,7 @@ import torch
 
 import genaf
 from _reliability import recorder, section
+from _tiny import tiny_resnet
 from genaf.attacks import Perturbation
 from genaf.cli import main
 from genaf.data import load_dataset
@@ -45,8 +46,10 @@ def test_cli_and_api_surrogates_share_no_image_with_a_default_finetune(tmp_path)
     assert cli_rec["dataset"] == "fashion-mnist" and cli_rec["split"] == "surrogate"
 
     run = tmp_path / "run"
-    # the default splits (no --n-train / --n-val); a linear probe for one epoch keeps it short
-    r = _cli("finetune", "--encoder", "demo", "--method", "lp", "--epochs", "1", "--n-test", "200", "--out", str(run))
+    # the default splits (no --n-train / --n-val); a linear probe for one epoch on a width-4 encoder
+    # keeps it short (the splits do not depend on the encoder)
+    enc = tiny_resnet(tmp_path)
+    r = _cli("finetune", "--encoder", enc, "--method", "lp", "--epochs", "1", "--n-test", "200", "--out", str(run))
     assert r.returncode == 0, r.stderr
     info = json.loads((run / "metrics.json").read_text())["data"]
     # the run's own record of its splits (digests of the indices it trained and validated on)

@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from _reliability import recorder, section
+from _tiny import tiny_resnet
 
 _record = recorder("kill-resume.json", section(5), "resumed exactly")
 
 ARGS = [
     "finetune",
-    "--encoder",
-    "random:demo",
     "--dataset",
     "fashion-mnist",
     "--method",
@@ -48,8 +47,8 @@ ARGS = [
 ]
 
 
-def _cmd(out, *extra):
-    return [sys.executable, "-m", "genaf", *ARGS, "--out", str(out), *extra]
+def _cmd(encoder, out, *extra):
+    return [sys.executable, "-m", "genaf", *ARGS, "--encoder", encoder, "--out", str(out), *extra]
 
 
 def _env():
@@ -58,9 +57,12 @@ def _env():
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """The uninterrupted run, and its encoder: the demo ResNet-18 at width 4 with seeded random
+    weights (resuming is the subject, not the encoder; width 16 made each test 3x slower)."""
+    encoder = tiny_resnet(tmp_path_factory.mktemp("encoder"))
     ref = tmp_path_factory.mktemp("uninterrupted") / "run"
-    subprocess.run(_cmd(ref), check=True, capture_output=True, env=_env(), timeout=600)
-    return ref
+    subprocess.run(_cmd(encoder, ref), check=True, capture_output=True, env=_env(), timeout=600)
+    return encoder, ref
 
 
 @pytest.mark.slow
@@ -71,9 +73,11 @@ def uninterrupted(tmp_path_factory):
 def test_kill_then_resume_matches_uninterrupted(tmp_path, tiny_data, uninterrupted, stage, sig):
     """SIGKILL, or Ctrl-C (SIGINT) in the middle of an epoch: --resume gives bit-identical metrics
     and predictions (a Ctrl-C keeps the checkpoint of the last completed epoch)."""
-    ref = uninterrupted
+    encoder, ref = uninterrupted
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), text=True)
+    proc = subprocess.Popen(
+        _cmd(encoder, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), text=True
+    )
     ckpt = killed / "checkpoint.pt"
     deadline = time.time() + 300
     # wait until the stage has written at least one epoch checkpoint, then kill without warning
@@ -93,7 +97,7 @@ def test_kill_then_resume_matches_uninterrupted(tmp_path, tiny_data, uninterrupt
     assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
-    subprocess.run(_cmd(killed, "--resume"), check=True, capture_output=True, env=_env(), timeout=600)
+    subprocess.run(_cmd(encoder, killed, "--resume"), check=True, capture_output=True, env=_env(), timeout=600)
     a = json.loads((ref / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     assert a["clean_acc"] == b["clean_acc"] and a["robust_acc"] == b["robust_acc"]

@@ -21,12 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from _tiny import tiny_resnet, tiny_vit
 from genaf import api
 from genaf.attacks.base import _ATTACKS, attack_names
 from genaf.data import load_dataset
-from genaf.encoders import Encoder, load_encoder, save_encoder
-from genaf.encoders.demo import DEMO_META, DEMO_META_VIT
-from genaf.encoders.resnet import build_backbone
+from genaf.encoders import load_encoder
 from genaf.methods.base import create_method, method_names
 from genaf.models import load_model
 
@@ -35,25 +34,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 16  # image side: a multiple of the ViT's 4-pixel patch, not its 28-pixel training size
 # Encoders that need more: ConvNeXt downsamples 32x (a 4x stem and three 2x stages), so 32 px.
 SIZES = {"timm-convnext": 32}
-
-
-def _write(folder: Path, name: str, meta: dict, seed: int = 0) -> str:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        enc = Encoder(build_backbone(meta), dict(meta, method="random-init"))
-    path = folder / f"{name}.safetensors"
-    save_encoder(enc, path)
-    return f"file:{path}"
-
-
-def tiny_resnet(folder: Path) -> str:
-    """The demo ResNet-18's shape at width 4 (about 45 k parameters)."""
-    return _write(folder, "resnet", dict(DEMO_META, width=4))
-
-
-def tiny_vit(folder: Path) -> str:
-    """genaf's ViT at width 32, depth 2, 2 heads, stored for 28 px (so 16 px interpolates)."""
-    return _write(folder, "vit", dict(DEMO_META_VIT, embed_dim=32, depth=2, num_heads=2))
 
 
 def _timm_file(folder: Path, name: str) -> str:

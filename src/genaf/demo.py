@@ -48,7 +48,7 @@ SETTINGS = {
     "quick": {  # a smoke test of the whole pipeline (the test suite runs it), not the protocol
         "n_train": 512,
         "n_val": 256,
-        "n_test": 128,
+        "n_test": 64,
         "n_surrogate": 256,
         "epochs": 1,
         "stage2_epochs": 1,

@@ -264,15 +264,20 @@ def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 
 def versions() -> dict[str, str]:
-    """Library versions recorded in every run directory."""
-    import torchvision
+    """Library versions recorded in every run directory (torchvision's from its installed
+    metadata: importing it costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
 
+    try:
+        tv = version("torchvision")
+    except PackageNotFoundError:
+        tv = "not installed"
     return {
         "genaf": __version__,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": tv,
         "numpy": np.__version__,
         "python": platform.python_version(),
     }

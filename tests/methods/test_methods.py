@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from _tiny import tiny_resnet
 from genaf.api import finetune
 from genaf.errors import ConfigError, SpecError
 from genaf.methods.base import create_method
@@ -259,7 +260,8 @@ def test_stage1_step_roles(tiny_data, tiny_encoder, roles):
 
 def test_resume_after_a_crash_gives_the_same_metrics(tmp_path, tiny_data, monkeypatch):
     mc = dict(epochs=2, attack_steps=1, warmup_epochs=0, stage2_epochs=1, probe_size=32, sensitivity_steps=1)
-    _, full = _run(tmp_path / "a", "genaf", tiny_data, **mc)
+    enc = tiny_resnet(tmp_path)  # width 4: resuming is the subject, not the encoder
+    _, full = _run(tmp_path / "a", "genaf", tiny_data, encoder=enc, **mc)
 
     from genaf import train as train_mod
 
@@ -274,11 +276,11 @@ def test_resume_after_a_crash_gives_the_same_metrics(tmp_path, tiny_data, monkey
 
     monkeypatch.setattr(train_mod.Trainer, "_save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "b", "genaf", tiny_data, **mc)
+        _run(tmp_path / "b", "genaf", tiny_data, encoder=enc, **mc)
     monkeypatch.setattr(train_mod.Trainer, "_save", real)
     out = tmp_path / "b" / "genaf"
     resumed = finetune(
-        "random:demo",
+        enc,
         "fashion-mnist",
         "genaf",
         out,

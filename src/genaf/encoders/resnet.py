@@ -2,7 +2,11 @@
 
 The module names match torchvision's ``resnet18``/``resnet50`` exactly (``conv1``, ``bn1``,
 ``layer1.0.conv1`` ...), so torchvision and solo-learn state dicts load without renaming.
-Differences that matter for public checkpoints are parameters:
+The residual blocks are written here with torchvision's layout (``conv1``/``bn1``/``conv2``/``bn2``
+and, for ``Bottleneck``, ``conv3``/``bn3``; the stride on the 3x3 convolution, as torchvision's
+v1.5), so building a backbone does not import torchvision (whose import pulls in
+``torch._dynamo``: about two seconds on every command). Differences that matter for public
+checkpoints are parameters:
 
 - ``stem="imagenet"``: 7x7 stride-2 conv (padding 3) and a 3x3 max-pool (torchvision);
 - ``stem="cifar"``: 3x3 stride-1 conv with ``stem_padding`` (solo-learn uses **2**) and no
@@ -13,10 +17,60 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .. import limits
 from ..errors import CheckpointError, SpecError
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions and a shortcut (torchvision's ``BasicBlock``, its names)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """1x1, 3x3 (strided), 1x1 convolutions and a shortcut (torchvision's ``Bottleneck``, its names)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
 
 ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
@@ -49,9 +103,6 @@ class ResNetBackbone(nn.Module):
         block, layers = ARCHS[arch]
         self.arch, self.width, self.stem = arch, int(width), stem
         self.inplanes = int(width)
-        self.dilation = 1
-        self.groups = 1
-        self.base_width = 64
         if stem == "cifar":
             self.stem_padding = 1 if stem_padding is None else int(stem_padding)
             self.conv1 = nn.Conv2d(in_chans, self.inplanes, 3, 1, self.stem_padding, bias=False)
@@ -72,6 +123,8 @@ class ResNetBackbone(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.feature_dim = 8 * w * block.expansion
         for m in self.modules():
+            if getattr(m, "weight", None) is not None and m.weight.is_meta:
+                continue  # built to be measured only (check_backbone); initialising on meta imports torch._dynamo
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):

@@ -150,6 +150,8 @@ class ViTBackbone(nn.Module):
         self.blocks = nn.Sequential(*[Block(d, self.num_heads, self.mlp_ratio) for _ in range(self.depth)])
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.feature_dim = d
+        if self.pos_embed.is_meta:
+            return  # built to be measured only (check_backbone); initialising on meta imports torch._dynamo
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
