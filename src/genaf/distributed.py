@@ -311,6 +311,26 @@ def _all_reduce(team: Team, t: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------- starting and ending
+# The rendezvous store of this process (torchrun's env:// store: rank 0 hosts it, or torchrun's
+# agent does), made once and kept for the process's life; every process group started here gets
+# its own key prefix on it. Ending a group and starting the next one through a fresh env://
+# rendezvous each time races: a fast process can reach the old store while rank 0 still holds it,
+# read the old group's addresses under the same keys and join a group rank 0 is leaving (measured:
+# two crafts in a row on two CPU processes hung, one process in a collective, the other refused).
+_STORES: dict = {}  # (address, port, rank, world) -> [store, groups started on it]
+
+
+def _group_store(rank: int, world: int):
+    dist = _dist()
+    key = (os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), rank, world)
+    if key not in _STORES:
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+        _STORES[key] = [store, 0]
+    entry = _STORES[key]
+    entry[1] += 1
+    return dist.PrefixStore(f"genaf/group{entry[1]}", entry[0])
+
+
 def init_team(device: torch.device, backend: str = "auto") -> tuple[Team, torch.device]:
     """The team of this process and the device it computes on.
 
@@ -349,7 +369,8 @@ def init_team(device: torch.device, backend: str = "auto") -> tuple[Team, torch.
         chosen = str(dist.get_backend())
     else:
         kwargs = {"device_id": device} if chosen == "nccl" else {}
-        dist.init_process_group(chosen, init_method="env://", rank=rank, world_size=world, **kwargs)
+        store = _group_store(rank, world)
+        dist.init_process_group(chosen, store=store, rank=rank, world_size=world, **kwargs)
         owns = True
     return Team(rank, world, local, chosen, device, owns_group=owns), device
 
