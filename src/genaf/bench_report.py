@@ -442,6 +442,11 @@ def fig_tradeoff(g: Group, info: dict, title: str):
         ax.plot(xs, ys, "-", color="black", lw=1.3, zorder=1, label="front (no method beats these on both)")
     lo_x, hi_x, lo_y, hi_y = [], [], [], []
     ringed = False
+    spots = [(100 * g.ca(m)[0], 100 * g.mean_dae(m)[0]) for m in g.methods]
+    spots = [(x, y) for x, y in spots if x == x and y == y]
+    span_x = max(1.0, max((x for x, _ in spots), default=0) - min((x for x, _ in spots), default=0))
+    span_y = max(1.0, max((y for _, y in spots), default=0) - min((y for _, y in spots), default=0))
+    labelled: list[tuple[float, float]] = []
     for m, c in zip(g.methods, _colors(len(g.methods))):
         ca, ra = g.ca(m), g.mean_dae(m)
         if ca[0] != ca[0] or ra[0] != ra[0]:
@@ -475,7 +480,12 @@ def fig_tradeoff(g: Group, info: dict, title: str):
                 label=None if ringed else "on the front",
             )
             ringed = True
-        ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 6), fontsize=8, zorder=5)
+        # a label near one other labelled point goes below its own point; in a tighter cluster the
+        # legend's colour names the point (a label there would sit beside another point)
+        near = sum(abs(x - a) < 0.1 * span_x and abs(y - b) < 0.08 * span_y for a, b in labelled)
+        labelled.append((x, y))
+        if near < 2:
+            ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 6 - 14 * near), fontsize=8, zorder=5)
         lo_x.append(x - ex)
         hi_x.append(x + ex)
         lo_y.append(y - ey)
