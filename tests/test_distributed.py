@@ -45,6 +45,7 @@ GENAF = {
         "probe_size": 24,
         "sensitivity_steps": 2,
         "genetic_batch": "global",
+        "lam": 1e4,  # the regulariser on (off by default): its gathered batch is under test
     },
     "train": {"batch_size": 32, "progress": False, "n_val_robust": 16, "device": "cpu"},
 }
