@@ -247,6 +247,21 @@ def test_every_shipped_config_resolves_without_running():
     assert controls["at-budget"].resolved["epochs"] + controls["at-budget"].resolved["warmup_epochs"] == 6
 
 
+def test_configs_measured_before_the_default_changed_pin_the_weight_they_ran_with():
+    """Gen-AF's default λ became 0 after these tables were measured at λ = 1e4: each config pins the
+    weight (so rerunning it reproduces its table), and the configs not yet run use the default.
+    (configs/bench-small.yaml runs today's defaults; docs/BENCH.md says its table ran with λ = 1e4.)"""
+    from genaf.methods.genaf import GENAF_DEFAULTS
+
+    assert GENAF_DEFAULTS["lam"] == 0.0
+    for name in ("ablation-small.yaml", "bench-hard-vit-fmnist100.yaml"):
+        lam = {m.label: m.resolved["lam"] for m in load_config(CONFIGS / name).methods if "lam" in m.resolved}
+        assert lam["genaf"] == 1e4 and lam["genaf-stage1" if "genaf-stage1" in lam else "no-stage2"] == 1e4, name
+    for name in ("bench-hard.yaml", "bench-hard-resnet-fmnist100.yaml"):
+        lam = {m.label: m.resolved["lam"] for m in load_config(CONFIGS / name).methods if "lam" in m.resolved}
+        assert lam == {"genaf": 0.0, "lam-1e4": 1e4, "genaf-stage1": 0.0}, (name, lam)
+
+
 def test_budget_controls_can_be_named_or_switched_off():
     base = {**TINY, "methods": {"sft": {}, "at": {}, "genaf": {"stage2_epochs": 2}}}
     assert load_config({**base, "budget_controls": False}).budget_controls == []

@@ -33,6 +33,9 @@ def test_quick_demo_writes_everything(tmp_path, tiny_data, monkeypatch):
         assert 0 <= met["clean_acc"] <= 1 and met["n_test"] == 64 and met["seed"] == 0
         assert {"l4a-base", "ssp-universal", "uniform-noise", "pgd10-wb"} <= set(met["robust_acc"])
         assert set(met["fooling_rate"]) == set(met["robust_acc"]) and "versions" in met
+    for control, shorter in (("sft-budget", "sft"), ("at-budget", "at")):  # continued from the shorter run
+        met = json.loads((out / control / "metrics.json").read_text())
+        assert met["continued_from"]["run"] == str(out / shorter) and met["continued_from"]["epochs"] == 1
     report = (out / "report.md").read_text()
     assert "| genaf |" in report and "| at-budget |" in report and "16/255" in report
     assert "surrogate reserve" in report and "passes/img" in report

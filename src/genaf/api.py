@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from .evaluation import evaluate_model
 from .exports import export
 from .methods.base import create_method
 from .models import DownstreamModel, load_model, save_model
-from .train import TrainConfig, Trainer
+from .train import LAST_EPOCH, TrainConfig, Trainer
 from .utils import (
     atomic_write,
     check_eps,
@@ -124,6 +125,7 @@ def finetune(
     resume: bool = False,
     datamodule: DataModule | None = None,
     log=print,
+    continue_from: str | Path | None = None,
 ) -> dict:
     """Fine-tune ``encoder`` on ``dataset`` with ``method``; write a run directory at ``out``.
 
@@ -136,6 +138,13 @@ def finetune(
 
     ``log`` receives each progress line (default ``print``); ``log=None`` runs silently
     (warnings still go to stderr).
+
+    ``continue_from``: a finished run folder made with ``train={"keep_last_epoch": True}`` and the
+    same options except more epochs (``method_config["epochs"]``) in the method's last stage. The
+    new run starts from that run's last epoch instead of from scratch and computes the same
+    result as a run of all its epochs from scratch (the seeds of every epoch depend only on the
+    seed, the stage and the epoch; the best-epoch record and the pass counts carry over), at the
+    cost of the added epochs only. ``metrics.json`` records it under ``continued_from``.
     """
     if log is None:
         log = _silent
@@ -160,16 +169,24 @@ def finetune(
     tcfg = TrainConfig(**{"seed": cfg["seed"], **typed_fields(TrainConfig, cfg["train"], "train")})
     tcfg.validate()
     cfg["train"] = {k: getattr(tcfg, k) for k in tcfg.__dataclass_fields__}
+    continued = False
+    if continue_from is not None:
+        if resume:
+            raise ConfigError("continue_from starts a new run from another run's last epoch; it cannot resume one")
+        if launched():
+            raise ConfigError("continue_from is not supported under torchrun yet; run it on one process")
+        cfg["continued_from"] = check_continuation(Path(continue_from), cfg, meth)
+        resume = continued = True  # from the checkpoint copied into out once the data are checked
     team = SOLO
     if launched():  # torchrun: one of several processes (genaf.distributed, docs/DISTRIBUTED.md)
         team, _ = init_team(resolve_device(tcfg.device), tcfg.dist_backend)
     try:
-        return _finetune_team(cfg, meth, tcfg, out, resume, datamodule, log, team)
+        return _finetune_team(cfg, meth, tcfg, out, resume, datamodule, log, team, continued)
     finally:
         team.close()
 
 
-def _finetune_team(cfg, meth, tcfg, out: Path, resume: bool, datamodule, log, team) -> dict:
+def _finetune_team(cfg, meth, tcfg, out: Path, resume: bool, datamodule, log, team, continued: bool = False) -> dict:
     """``finetune`` once the configuration is resolved: on one process, or on each of a torchrun
     run's (files are checked and written by rank 0 only; every process trains its share)."""
     if team.distributed:
@@ -177,11 +194,13 @@ def _finetune_team(cfg, meth, tcfg, out: Path, resume: bool, datamodule, log, te
         check_global_batch(tcfg.batch_size, team)
         if not team.is_main:
             log = _silent
-    saved = team.on_main(_saved_config, out) if resume else None
+    saved = team.on_main(_saved_config, out) if resume and not continued else None
     if team.distributed and resume:
         saved = team.broadcast_json(saved)
     if saved is not None:
         check_same_run(saved, cfg, out)
+        if "continued_from" in saved:  # a continued run, resumed: it still started from that run
+            cfg["continued_from"] = saved["continued_from"]
     device = team.device if team.distributed else resolve_device(tcfg.device)
     seed_everything(cfg["seed"])
     enc = load_encoder(cfg["encoder"])
@@ -195,6 +214,11 @@ def _finetune_team(cfg, meth, tcfg, out: Path, resume: bool, datamodule, log, te
     if saved is not None:
         check_same_data(saved, cfg, out)
         check_same_encoder_files(saved, cfg, out)
+    if continued:  # the run it starts from read these data and encoder files
+        source = Path(cfg["continued_from"]["run"])
+        check_same_data(_saved_config(source) or {}, cfg, source, "continue_from")
+        check_same_encoder_files(_saved_config(source) or {}, cfg, source, "continue_from")
+        copy_atomic(source / LAST_EPOCH, out / "checkpoint.pt")
     if team.distributed:
         check_train_split(len(dm.train), tcfg.batch_size, team)
 
@@ -260,6 +284,43 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise CheckpointError(f"--out {out} is not writable; choose a writable place (nothing was trained)")
 
 
+def check_continuation(source: Path, cfg: dict, meth) -> dict:
+    """``continue_from``: ``source`` is a finished run that kept its last epoch, made with ``cfg``'s
+    options but fewer (or as many) epochs in the method's last stage, and no other difference.
+    Returns what ``config.yaml`` and ``metrics.json`` record of it."""
+    where = f"continue_from {source}"
+    if not (source / LAST_EPOCH).is_file():
+        raise ConfigError(
+            f"{where}: no {LAST_EPOCH} there; the run to continue must be made with train "
+            "keep_last_epoch: true (and finished)"
+        )
+    if not (source / "metrics.json").is_file():
+        raise ConfigError(f"{where}: that run has not finished (no metrics.json); finish it first")
+    saved = _saved_config(source) or {}
+    ignore = {("train", "keep_last_epoch"), ("method_config", "epochs")}
+    diff = [d for d in _differences(saved, cfg) if not any(d.startswith(".".join(k) + ":") for k in ignore)]
+    if diff:
+        raise ConfigError(
+            f"{where}: the options differ from that run ({'; '.join(diff[:6])}); only the epochs of "
+            "the last stage may grow"
+        )
+    before = [st.epochs for st in create_method(saved["method"], **saved["method_config"]).stages()]
+    now = [st.epochs for st in meth.stages()]
+    if len(before) != len(now) or before[:-1] != now[:-1] or now[-1] < before[-1]:
+        raise ConfigError(
+            f"{where}: that run's stages ran {before} epochs and this one asks for {now}; only the last "
+            "stage's epochs may grow (e.g. sft or at trained longer)"
+        )
+    metrics = json.loads((source / "metrics.json").read_text())
+    return {"run": str(source), "epochs": before[-1], "train_seconds": metrics.get("train_seconds")}
+
+
+def copy_atomic(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
 def _saved_config(out: Path) -> dict | None:
     path = out / "config.yaml"
     if not path.is_file():
@@ -279,7 +340,7 @@ def _differences(a, b, path=()) -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
-            if path + (k,) in RESUME_FREE or (not path and k in ("data_info", "encoder_files")):
+            if path + (k,) in RESUME_FREE or (not path and k in ("data_info", "encoder_files", "continued_from")):
                 continue
             out += _differences(a.get(k), b.get(k), path + (k,))
         return out
@@ -300,23 +361,23 @@ def check_same_run(saved: dict, cfg: dict, out: Path) -> None:
         )
 
 
-def check_same_data(saved: dict, cfg: dict, out: Path) -> None:
+def check_same_data(saved: dict, cfg: dict, out: Path, what: str = "--resume") -> None:
     old, new = saved.get("data_info") or {}, cfg["data_info"]
     for k in ("train_indices_sha256", "val_indices_sha256", "test_indices_sha256", "n_train", "n_val", "n_test"):
         if k in old and old[k] != new.get(k):
             raise ConfigError(
-                f"--resume: the data differ from the run saved in {out} ({k}: saved {old[k]}, now {new.get(k)}); "
+                f"{what}: the data differ from the run saved in {out} ({k}: saved {old[k]}, now {new.get(k)}); "
                 "point --data-root at the files the run started with"
             )
 
 
-def check_same_encoder_files(saved: dict, cfg: dict, out: Path) -> None:
+def check_same_encoder_files(saved: dict, cfg: dict, out: Path, what: str = "--resume") -> None:
     """``--resume`` reads the encoder files the run started from: same sha256 (the lock in config.yaml)."""
     old = {f.get("path"): f.get("sha256") for f in saved.get("encoder_files") or [] if f.get("sha256")}
     for f in cfg.get("encoder_files") or []:
         if f.get("path") in old and f.get("sha256") != old[f.get("path")]:
             raise CheckpointError(
-                f"--resume: encoder file {f['path']} changed since the run started (sha256 {old[f['path']]} in "
+                f"{what}: encoder file {f['path']} changed since the run started (sha256 {old[f['path']]} in "
                 f"{out / 'config.yaml'}, now {f['sha256']}); restore the file or start a new run in another --out"
             )
 
@@ -413,6 +474,7 @@ def _finetune_locked(cfg, meth, tcfg, device, enc, dm, out: Path, resume: bool, 
         "seed": cfg["seed"],
         "weight_drift": weight_drift(model, {k: v.to(device) for k, v in start.items()}),
         "train_seconds": round(seconds, 1),
+        **({"continued_from": cfg["continued_from"]} if "continued_from" in cfg else {}),
         "selected_epochs": artifacts.get("selected_epoch", {}),
         "budget": trainer.budget(),
         "attack_fold": trainer.attack_fold,  # BatchNorm folded for the training attacks (train.fold_bn)

@@ -183,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eps", default=None, help="training PGD budget, e.g. 8/255 (default: the method's, 8/255)")
     p.add_argument(
-        "--lam", type=float, default=None, help="genetic regulariser weight (genaf only; default: the method's)"
+        "--lam",
+        type=float,
+        default=None,
+        help="genetic regulariser weight (genaf only; default 0, the regulariser off: docs/GENAF.md has the "
+        "verdict; 1e4 was the default until 2026-12-07)",
     )
     p.add_argument(
         "--attack-steps",

@@ -26,6 +26,7 @@ from .api import craft, evaluate, finetune
 from .data import load_dataset
 from .encoders import load_encoder
 from .report import demo_table
+from .train import LAST_EPOCH
 from .utils import resolve_device, write_json
 
 DAE_EPS = 16 / 255
@@ -61,8 +62,11 @@ SETTINGS = {
 ATTACKS = ("l4a-base", "ssp-universal", "uniform-noise")
 METHODS = ("sft", "at", "genaf")
 # SFT and AT again at Gen-AF's total budget (head warm-up + stage 1 + stage 2 epochs), so that a
-# gain that is only more training shows.
+# gain that is only more training shows. Each continues its shorter run from that run's last
+# epoch (finetune(continue_from=...)), which computes what a run from scratch computes
+# (tests/methods/test_continue.py) and saves the epochs the two share.
 CONTROLS = ("sft-budget", "at-budget")
+CONTINUES = {"sft-budget": "sft", "at-budget": "at"}
 # The encoders the demo can defend, as the report names them.
 ENCODERS = {
     "demo": "the shipped demo encoder (SimCLR, ResNet-18 width 16, Fashion-MNIST)",
@@ -149,6 +153,12 @@ def run_demo(
         log(f"--- {label} ({method}, {mc}) ---")
         if not (run / "metrics.json").is_file():
             resume = (run / "checkpoint.pt").is_file()
+            source = out / CONTINUES[label] if label in CONTINUES else None
+            if source is not None and not resume and not (source / LAST_EPOCH).is_file():
+                log(f"{label}: {source} kept no last epoch to continue from (an older demo); training from scratch")
+                source = None
+            if source is not None and not resume:
+                log(f"{label}: continuing {CONTINUES[label]}'s run from its last epoch ({source / LAST_EPOCH})")
             finetune(
                 encoder,
                 DATASET,
@@ -163,10 +173,12 @@ def run_demo(
                     "device": str(dev),
                     "val_steps": s["attack_steps"],
                     "deterministic": deterministic,
+                    "keep_last_epoch": label in CONTINUES.values(),
                 },
                 data={"n_train": s["n_train"], "n_val": s["n_val"], "n_test": s["n_test"]},
                 datamodule=data,
                 log=log,
+                continue_from=source if not resume else None,
             )
         results[label] = evaluate(run, perts, datamodule=data, device=str(dev), log=log)
     order = ["l4a-base", "ssp-universal", "uniform-noise", "pgd10-wb"]
@@ -184,7 +196,8 @@ def run_demo(
         "fine-tuned model (stronger than the threat model).",
         "Training PGD: ε = 8/255, step 2/255. Accuracies in percent; weight drift = ‖θ−θ0‖/‖θ0‖ of the encoder.",
         f"Budget: `sft-budget` and `at-budget` are SFT and AT trained for Gen-AF's total {genaf_epochs(s)} epochs "
-        "(head warm-up + stage 1 + stage 2), a control for a gain that is only more training; `epochs` and "
+        "(head warm-up + stage 1 + stage 2), a control for a gain that is only more training (each continues the "
+        "`sft` or `at` run from its last epoch, which computes what a run from scratch does); `epochs` and "
         "`passes/img` (encoder forward or forward+backward passes per training image, attack steps included) "
         "give each run's training budget.",
         "",

@@ -14,6 +14,8 @@ import copy
 import dataclasses
 import functools
 import math
+import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +33,8 @@ from .methods.base import Context, Method, ParamGroup, Stage
 from .utils import counting_paused, generator, row_generator, torch_save_atomic, unit_seed
 
 CHECKPOINT = "checkpoint.pt"
+# the training state at the end of the last stage's last epoch (TrainConfig.keep_last_epoch)
+LAST_EPOCH = "last-epoch.pt"
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
@@ -89,6 +93,10 @@ class TrainConfig:
     # keep checkpoint.pt once the run has finished and its model and metrics are written
     # (it holds the full training state: the stage-1 snapshot, the reference encoder, ...)
     keep_checkpoint: bool = False
+    # also keep the training state at the end of the last stage's last epoch, before the best
+    # epoch is restored (last-epoch.pt): a run of the same options with more epochs in that stage
+    # continues from it (finetune(continue_from=...)) and computes what it would from scratch
+    keep_last_epoch: bool = False
     # deterministic kernels (genaf.utils.deterministic_mode): CUDA runs of one seed then repeat
     # exactly, at some cost in speed; the ops that have no deterministic kernel are recorded
     deterministic: bool = False
@@ -491,9 +499,22 @@ class Trainer:
             best = ckpt["best"]
         trainable = {id(p) for g in groups for p in g.params}
         self._best = best
+        self._stopped = False
         with self._data_parallel(stage, groups, ctx, start_epoch) as step_model:
             self._epochs(si, stage, ctx, step_model, opts, scheds, best, start_epoch, trainable)
+        if cfg.keep_last_epoch and si == len(self.stages) - 1 and stage.epochs > 0 and not self._stopped:
+            self._keep_last_epoch()
         self._after_epochs(si, stage, ctx)
+
+    def _keep_last_epoch(self) -> None:
+        """Copy the checkpoint of the last stage's last epoch (on disk now: written at the end of
+        that epoch, before the best epoch is restored) to ``last-epoch.pt``, atomically."""
+        if not self.team.is_main or not self._ckpt_path().is_file():
+            return
+        dest = self.run_dir / LAST_EPOCH
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(self._ckpt_path(), tmp)
+        os.replace(tmp, dest)
 
     @contextlib.contextmanager
     def _data_parallel(self, stage: Stage, groups: list[ParamGroup], ctx: Context, start_epoch: int):
@@ -614,6 +635,7 @@ class Trainer:
                 }
             self._save(si, epoch + 1, opts, scheds, best)
             if extra.get("stop"):
+                self._stopped = True
                 break
         self._best = best
 
