@@ -66,6 +66,36 @@ def test_pretrain_writes_a_loadable_encoder(tmp_path, tiny_data):
         assert again.meta["method"] == method
 
 
+def test_pretraining_on_a_mix_of_two_domains(tmp_path, capsys):
+    """--dataset a+b: an equal share of the images from each (shuffled together), the mix's own
+    normalisation, and a probe per domain on its own test split."""
+    from genaf.data import load_dataset
+    from genaf.pretrain import image_stats, mix_train
+
+    a, b = (load_dataset(n, n_train=40, n_val=8, n_test=8, seed=0).train for n in ("fashion-mnist", "rendered-digits"))
+    mix = mix_train([a, b], seed=0)
+    assert len(mix) == 80 and mix.dataset == "fashion-mnist+rendered-digits"
+    assert sorted(map(bytes, mix.images.flatten(1).numpy())) == sorted(
+        map(bytes, torch.cat([a.images, b.images]).flatten(1).numpy())
+    )  # every image of both, once
+    first = set(map(bytes, a.images.flatten(1).numpy()))
+    where = [bytes(x) in first for x in mix.images.flatten(1).numpy()]
+    assert 0 < sum(where[:40]) < 40  # shuffled together, not one block after the other
+    mean, std = image_stats(mix)
+    assert len(mean) == 3 and mean[0] != pytest.approx(image_stats(a)[0][0], abs=1e-3)
+
+    out = tmp_path / "mix.safetensors"
+    args = ["pretrain", "--dataset", "fashion-mnist+rendered-digits", "--n-images", "128", "--epochs", "1"]
+    assert main([*args, "--batch-size", "32", "--n-test", "32", "--width", "4", "--out", str(out), "-q"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert set(rep["per_dataset"]) == {"fashion-mnist", "rendered-digits"}
+    assert all(r["n_train"] == 64 and r["n_test"] == 32 for r in rep["per_dataset"].values())
+    meta = load_encoder(f"file:{out}").meta
+    assert meta["pretrain_dataset"] == "fashion-mnist+rendered-digits" and meta["mean"][0] != 0.286
+    assert main(["pretrain", "--dataset", "fashion-mnist+fashion-mnist", "--out", str(out)]) == 2
+    assert "name each dataset once" in capsys.readouterr().err
+
+
 def test_shipped_demo_encoder_beats_random_weights(tiny_data):
     from genaf.pretrain import linear_probe_accuracy
 

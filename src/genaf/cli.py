@@ -488,7 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="self-supervised pre-training of a small encoder (SimCLR or BYOL)")
     p.add_argument(
-        "--dataset", default="fashion-mnist", help=f"dataset: {_dataset_choices()} (default %(default)s)"
+        "--dataset",
+        default="fashion-mnist",
+        help=f"dataset: {_dataset_choices()}, or a mix of several joined by + (e.g. fashion-mnist+rendered-digits: "
+        "an equal share of --n-images from each, normalised with the mix's own statistics, probed on each "
+        "one's test split) (default %(default)s)",
     )
     p.add_argument(
         "--method", default="simclr", choices=["simclr", "byol"], help="simclr or byol (default %(default)s)"
@@ -876,24 +880,35 @@ def cmd_pretrain(a) -> int:
     from .data import load_dataset
     from .encoders.base import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD
     from .encoders.files import save_encoder
-    from .pretrain import pretrain, pretrain_meta, probe_report
+    from .errors import ConfigError
+    from .pretrain import image_stats, mix_train, pretrain, pretrain_meta, probe_report, split_mix
     from .utils import resolve_device
 
+    names = split_mix(a.dataset)
     mean, std = DATASET_STATS.get(a.dataset, (IMAGENET_MEAN, IMAGENET_STD))
     if a.image_size is not None:  # refuse an arch or size the backbone cannot take before loading data
         pretrain_meta(a.arch, a.image_size, mean, std, a.dataset, a.width)
-    dm = load_dataset(
-        a.dataset,
-        root=a.data_root,
-        image_size=a.image_size,
-        n_train=a.n_images,
-        n_val=min(1000, max(1, a.n_images // 10)),
-        n_test=a.n_test,
-        seed=a.seed or 0,
-    )
-    meta = pretrain_meta(a.arch, dm.image_size, mean, std, a.dataset, a.width)
+    share = a.n_images // len(names)  # a mix: an equal share of the images from each dataset
+    if share < 1:
+        raise ConfigError(f"--n-images {a.n_images} leaves no image for each of the {len(names)} datasets of the mix")
+    dms = [
+        load_dataset(
+            name,
+            root=a.data_root if len(names) == 1 else None,
+            image_size=a.image_size,
+            n_train=share,
+            n_val=min(1000, max(1, share // 10)),
+            n_test=a.n_test,
+            seed=a.seed or 0,
+        )
+        for name in names
+    ]
+    train = dms[0].train if len(dms) == 1 else mix_train([d.train for d in dms], a.seed or 0)
+    if len(dms) > 1:  # no dataset's statistics describe the mix: its own are measured
+        mean, std = image_stats(train)
+    meta = pretrain_meta(a.arch, dms[0].image_size, mean, std, a.dataset, a.width)
     enc = pretrain(
-        dm.train,
+        train,
         meta,
         method=a.method,
         epochs=a.epochs,
@@ -904,7 +919,10 @@ def cmd_pretrain(a) -> int:
         log=_log(a) or _silent,
     )
     save_encoder(enc, a.out)
-    rep = probe_report(enc, dm, log=_log(a) or _silent)
+    if len(dms) == 1:
+        rep = probe_report(enc, dms[0], log=_log(a) or _silent)
+    else:  # each domain's held-out test split, probed with that domain's training images
+        rep = {"per_dataset": {d.name: probe_report(enc, d, log=_log(a) or _silent) for d in dms}}
     print(json.dumps({"out": a.out, **rep}, indent=2))
     return 0
 

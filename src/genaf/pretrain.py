@@ -231,6 +231,38 @@ def pretrain_demo_encoder(out: str | Path, seed: int = 0, log=print, device="cpu
     return probe_report(enc, dm, log=log)
 
 
+def split_mix(spec: str) -> list[str]:
+    """The datasets of a pre-training mix ``a+b`` (one dataset when ``spec`` names no mix). An
+    image folder whose path holds a ``+`` and exists is one dataset, not a mix."""
+    if spec.startswith("imagefolder:") and Path(spec.split(":", 1)[1]).exists():
+        return [spec]
+    parts = [p.strip() for p in spec.split("+")]
+    if len(parts) > 1 and (any(not p for p in parts) or len(set(parts)) != len(parts)):
+        raise ConfigError(f"dataset mix {spec!r}: name each dataset once, e.g. fashion-mnist+rendered-digits")
+    return parts
+
+
+def mix_train(sets: list[ImageSet], seed: int = 0) -> ImageSet:
+    """The training images of several datasets as one set, shuffled together (seeded). Labels are
+    kept but not used (self-supervised); ``indices`` are each image's index in its own dataset."""
+    shapes = {tuple(s.images.shape[1:]) for s in sets}
+    if len(shapes) > 1:
+        names = ", ".join(f"{s.dataset} {tuple(s.images.shape[1:])}" for s in sets)
+        raise ConfigError(f"a pre-training mix needs images of one shape, got {names}; resize with --image-size")
+    images = torch.cat([s.images for s in sets])
+    order = torch.randperm(len(images), generator=generator(seed, "pretrain-mix"))
+    labels = torch.cat([s.labels for s in sets])[order]
+    indices = torch.cat([s.indices for s in sets])[order]
+    return ImageSet(images[order], labels, indices, "train", "+".join(s.dataset for s in sets))
+
+
+def image_stats(data: ImageSet, n: int = 10000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (the first ``n``) images in [0, 1]: the normalisation of an
+    encoder pre-trained on a mix, which no single dataset's statistics describe."""
+    x = data.images[:n].float().div_(255.0)
+    return [round(float(v), 4) for v in x.mean(dim=(0, 2, 3))], [round(float(v), 4) for v in x.std(dim=(0, 2, 3))]
+
+
 def probe_report(enc: Encoder, dm, log=print, n_train: int = 10000, seed: int = 0) -> dict:
     """k-NN and linear-probe accuracy on the test split, of an encoder and of its architecture with
     random weights (the control the pre-training must beat)."""
@@ -258,6 +290,9 @@ __all__ = [
     "DATASET_STATS",
     "knn_accuracy",
     "linear_probe_accuracy",
+    "split_mix",
+    "mix_train",
+    "image_stats",
     "nt_xent",
     "byol_loss",
     "pretrain",
