@@ -298,7 +298,7 @@ def check_encoder_spec(spec: str, where: str = "encoders") -> None:
             f"{where}: unknown encoder spec scheme '{scheme}' in '{spec}'{did_you_mean(scheme, SCHEMES)}; "
             f"choose one of: {', '.join(SCHEMES)}"
         )
-    if scheme in ("demo", "demo-vit") and rest:
+    if scheme in ("demo", "demo-vit", "demo-vit-mix") and rest:
         raise _fail(f"{where}: '{scheme}' takes no path (got '{spec}')")
     from .encoders.vit import VIT_ARCHS
 

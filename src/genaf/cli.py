@@ -55,7 +55,8 @@ def _encoder_choices() -> str:
     from .encoders import SCHEMES
 
     forms = {"solo": "solo:PATH", "torchvision": "torchvision:ARCH:PATH", "file": "file:PATH", "demo": "demo",
-             "demo-vit": "demo-vit", "random": "random:demo", "timm": "timm:NAME[:PATH]", "hf": "hf:NAME"}
+             "demo-vit": "demo-vit", "demo-vit-mix": "demo-vit-mix", "random": "random:demo",
+             "timm": "timm:NAME[:PATH]", "hf": "hf:NAME"}
     return ", ".join(forms.get(s, f"{s}:...") for s in SCHEMES)
 
 

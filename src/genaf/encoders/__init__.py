@@ -7,6 +7,7 @@ Specs:
     ``demo``                      the project's small Fashion-MNIST encoder (offline)
     ``random:demo``               the demo architecture with random weights (a control)
     ``demo-vit``                  the project's small Fashion-MNIST ViT (vit-tiny, SimCLR; offline)
+    ``demo-vit-mix``              the same ViT pre-trained on Fashion-MNIST + rendered digits (offline)
     ``timm:MODEL_NAME[:PATH]``    a timm model; weights from PATH (.safetensors/.pth/.bin), else timm's hub
     ``hf:DIR`` / ``hf:ORG/NAME``  a Hugging Face vision backbone folder (or hub id)
 
@@ -27,10 +28,10 @@ from pathlib import Path
 
 from ..errors import SpecError, unknown
 from .base import DATASET_STATS, Encoder, Normalize, encoder_from_state, load_state_strict
-from .demo import DEMO_META, demo_encoder, demo_vit_encoder, random_encoder
+from .demo import DEMO_META, demo_encoder, demo_vit_encoder, demo_vit_mix_encoder, random_encoder
 from .files import load_encoder_file, read_encoder_file, save_encoder
 
-SCHEMES = ("solo", "torchvision", "file", "demo", "demo-vit", "random", "timm", "hf")
+SCHEMES = ("solo", "torchvision", "file", "demo", "demo-vit", "demo-vit-mix", "random", "timm", "hf")
 # spec options (after '?'), and the schemes that take each
 SPEC_OPTIONS = {"pool": ("timm", "hf")}
 _OPTIONS_RE = re.compile(r"^[a-z_]+=[^&?=]*(&[a-z_]+=[^&?=]*)*$")
@@ -79,6 +80,8 @@ def load_encoder(spec: str) -> Encoder:
         enc = demo_encoder()
     elif scheme == "demo-vit" and not rest:
         enc = demo_vit_encoder()
+    elif scheme == "demo-vit-mix" and not rest:
+        enc = demo_vit_mix_encoder()
     elif scheme == "random":
         enc = random_encoder(rest or "demo")
     elif scheme == "file" and rest:
@@ -136,6 +139,10 @@ def spec_files(spec: str) -> list[tuple[Path, bool]]:
         from .demo import ASSET_VIT
 
         return [(ASSET_VIT, True)]
+    if scheme == "demo-vit-mix" and not rest:
+        from .demo import ASSET_VIT_MIX
+
+        return [(ASSET_VIT_MIX, True)]
     if scheme == "file" and rest:
         return [(Path(rest), True)]
     if scheme == "solo" and rest:
