@@ -218,7 +218,7 @@ def _finetune_team(cfg, meth, tcfg, out: Path, resume: bool, datamodule, log, te
         source = Path(cfg["continued_from"]["run"])
         check_same_data(_saved_config(source) or {}, cfg, source, "continue_from")
         check_same_encoder_files(_saved_config(source) or {}, cfg, source, "continue_from")
-        copy_atomic(source / LAST_EPOCH, out / "checkpoint.pt")
+        atomic_write(out / "checkpoint.pt", lambda tmp: shutil.copyfile(source / LAST_EPOCH, tmp))
     if team.distributed:
         check_train_split(len(dm.train), tcfg.batch_size, team)
 
@@ -313,12 +313,6 @@ def check_continuation(source: Path, cfg: dict, meth) -> dict:
         )
     metrics = json.loads((source / "metrics.json").read_text())
     return {"run": str(source), "epochs": before[-1], "train_seconds": metrics.get("train_seconds")}
-
-
-def copy_atomic(src: Path, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
 
 
 def _saved_config(out: Path) -> dict | None:

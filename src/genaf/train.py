@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import functools
 import math
-import os
 import shutil
 import signal
 import time
@@ -30,7 +29,7 @@ from .augment import crop_flip
 from .distributed import BACKENDS, BATCHNORM_MODES, SOLO, Team
 from .errors import CheckpointError, ConfigError, first_line
 from .methods.base import Context, Method, ParamGroup, Stage
-from .utils import counting_paused, generator, row_generator, torch_save_atomic, unit_seed
+from .utils import atomic_write, counting_paused, generator, row_generator, torch_save_atomic, unit_seed
 
 CHECKPOINT = "checkpoint.pt"
 # the training state at the end of the last stage's last epoch (TrainConfig.keep_last_epoch)
@@ -511,10 +510,7 @@ class Trainer:
         that epoch, before the best epoch is restored) to ``last-epoch.pt``, atomically."""
         if not self.team.is_main or not self._ckpt_path().is_file():
             return
-        dest = self.run_dir / LAST_EPOCH
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(self._ckpt_path(), tmp)
-        os.replace(tmp, dest)
+        atomic_write(self.run_dir / LAST_EPOCH, lambda tmp: shutil.copyfile(self._ckpt_path(), tmp))
 
     @contextlib.contextmanager
     def _data_parallel(self, stage: Stage, groups: list[ParamGroup], ctx: Context, start_epoch: int):
