@@ -442,10 +442,16 @@ def fig_tradeoff(g: Group, info: dict, title: str):
         ax.plot(xs, ys, "-", color="black", lw=1.3, zorder=1, label="front (no method beats these on both)")
     lo_x, hi_x, lo_y, hi_y = [], [], [], []
     ringed = False
-    spots = [(100 * g.ca(m)[0], 100 * g.mean_dae(m)[0]) for m in g.methods]
-    spots = [(x, y) for x, y in spots if x == x and y == y]
-    span_x = max(1.0, max((x for x, _ in spots), default=0) - min((x for x, _ in spots), default=0))
-    span_y = max(1.0, max((y for _, y in spots), default=0) - min((y for _, y in spots), default=0))
+    # nearness is judged against the plotted range (error bars and padding included, as the zoom
+    # below sets it), which is what a label's size on the page compares with
+    boxes = [(100 * g.ca(m)[0], 100 * g.mean_dae(m)[0], _err(g.ca(m)), _err(g.mean_dae(m))) for m in g.methods]
+    boxes = [bx for bx in boxes if bx[0] == bx[0] and bx[1] == bx[1]]
+
+    def _plotted(lo: list[float], hi: list[float]) -> float:
+        return max(1.0, max(hi) - min(lo) + 2 * max(2.0, 0.12 * (max(hi) - min(lo)))) if lo else 1.0
+
+    span_x = _plotted([x - ex for x, _, ex, _ in boxes], [x + ex for x, _, ex, _ in boxes])
+    span_y = _plotted([y - ey for _, y, _, ey in boxes], [y + ey for _, y, _, ey in boxes])
     labelled: list[tuple[float, float]] = []
     for m, c in zip(g.methods, _colors(len(g.methods))):
         ca, ra = g.ca(m), g.mean_dae(m)
@@ -482,7 +488,7 @@ def fig_tradeoff(g: Group, info: dict, title: str):
             ringed = True
         # a label near one other labelled point goes below its own point; in a tighter cluster the
         # legend's colour names the point (a label there would sit beside another point)
-        near = sum(abs(x - a) < 0.1 * span_x and abs(y - b) < 0.08 * span_y for a, b in labelled)
+        near = sum(abs(x - a) < 0.08 * span_x and abs(y - b) < 0.05 * span_y for a, b in labelled)
         labelled.append((x, y))
         if near < 2:
             ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 6 - 14 * near), fontsize=8, zorder=5)
