@@ -272,6 +272,47 @@ def test_budget_controls_can_be_named_or_switched_off():
         load_config({**base, "budget_controls": ["nope"]})
 
 
+def test_a_budget_control_continues_its_run_and_gives_the_rows_of_one_from_scratch(tmp_path):
+    """``sft-budget`` continues ``sft``'s finished run from its last epoch (the base run keeps it)
+    instead of training the shared epochs again; its rows equal those of the same run named as a
+    method of its own, which trains from scratch, and its training time counts both parts."""
+    if not FASHION.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    base = {
+        **TINY,
+        "methods": {"sft": {}, "genaf": {"stage2_epochs": 1, "probe_size": 16, "sensitivity_steps": 1}},
+        "attacks": {"uniform-noise": {}},
+        "seeds": [0],
+        "whitebox": None,
+        "fresh_head": None,
+        "selfattack": [],
+    }
+    got = {}
+    for name, patch in {
+        "continued": {"budget_controls": ["sft"]},
+        "scratch": {
+            "methods": {**base["methods"], "sft-budget": {"method": "sft", "epochs": 2}},
+            "budget_controls": False,
+        },
+    }.items():
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({**base, **patch}, sort_keys=False))
+        lines = []
+        res = run_bench(cfg, tmp_path / name, log=lines.append)
+        rows = [r for r in res["rows"] if r["method"] == "sft-budget"]
+        assert len(rows) == 1 and rows[0]["total_epochs"] == 2
+        metrics = json.loads((tmp_path / name / rows[0]["run"] / "metrics.json").read_text())
+        got[name] = (rows[0], metrics, lines)
+    (row, metrics, lines), (row0, metrics0, _) = got["continued"], got["scratch"]
+    assert metrics["continued_from"]["epochs"] == 1 and "continued_from" not in metrics0
+    assert any("bench: continuing runs/" in s and "sft-budget" in s for s in lines)
+    assert metrics["budget"] == metrics0["budget"]  # the same passes per image: the whole run's
+    for k in ("clean_acc", "robust_acc", "val_clean_acc", "val_robust_acc", "drift", "passes_per_image"):
+        assert row[k] == row0[k], k
+    own = metrics["train_seconds"]
+    assert row["train_seconds"] == pytest.approx(own + metrics["continued_from"]["train_seconds"], abs=0.11)
+
+
 @pytest.mark.parametrize(
     "patch, needle",
     [

@@ -219,3 +219,49 @@ def test_whitebox_results_are_reused_only_for_the_same_weights_images_and_settin
     # an earlier report that lacks an ε now needed (a new perturbation's) is recomputed
     wider = Perturbation(delta=torch.full((1, 1, 4, 4), -0.07), eps=0.07, attack="hand")
     assert "whitebox_reused" not in run_checks(model, x, y, {"dae": wider}, WB, n_classes=2, reuse=first)
+
+
+def test_the_loss_check_and_the_curve_share_their_run_at_the_base_eps(monkeypatch):
+    """The loss check's PGD run is the curve's run at the base ε (same settings, same seed), so
+    the self-checks attack once per ε: 4 runs for ε ∈ {¼, ½, 1, 2} × base, not 5. The curve is
+    the one a separate :func:`whitebox_curve` measures, to the last digit."""
+    import genaf.checks as checks
+
+    x, y = _data()
+    model = Linear().eval()
+    calls = []
+    real = checks._wb_pgd
+    monkeypatch.setattr(checks, "_wb_pgd", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    rep = run_checks(model, x, y, {}, WB, n_classes=2)
+    assert sorted(calls) == sorted(f * WB["eps"] for f in (0.25, 0.5, 1.0, 2.0))
+    monkeypatch.undo()
+    alone = whitebox_curve(model, x, y, WB, [f * WB["eps"] for f in (0.25, 0.5, 1.0, 2.0)])
+    assert rep["whitebox_curve"] == {f"{e:.6f}": a for e, a in alone.items()}
+    assert rep["pgd_loss_rises"] == check_pgd_loss_rises(model, x, y, WB)
+
+
+def test_an_attack_model_is_attacked_and_the_model_scores(monkeypatch):
+    """``attack_model`` (genaf.evaluation passes a BatchNorm-folded copy) is what PGD runs on;
+    the accuracies are the model's; the reuse key tells the two apart."""
+    x, y = _data()
+    model = Linear().eval()
+    twin = Linear().eval()  # the same function: the same curve
+    seen = []
+
+    class Spy(Linear):
+        def forward(self, x):
+            seen.append(len(x))
+            return super().forward(x)
+
+    rep = run_checks(model, x, y, {}, WB, n_classes=2, attack_model=twin)
+    assert rep["whitebox_curve"] == run_checks(model, x, y, {}, WB, n_classes=2)["whitebox_curve"]
+    spy = Spy().eval()
+    run_checks(model, x, y, {}, WB, n_classes=2, attack_model=spy)
+    assert len(seen) >= 4 * WB["steps"]  # every PGD step ran on the attack model
+    broken = Linear().eval()  # an attack model that is not the model: the model's accuracy is reported
+    with torch.no_grad():
+        broken.w.fill_(-40.0)  # its gradients point the other way: PGD on it helps the model
+    off = run_checks(model, x, y, {}, WB, n_classes=2, attack_model=broken)
+    assert off["whitebox_curve"] != rep["whitebox_curve"]
+    again = run_checks(model, x, y, {}, WB, n_classes=2, attack_model=twin)
+    assert off["whitebox_key"] != rep["whitebox_key"] == again["whitebox_key"]

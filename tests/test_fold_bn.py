@@ -271,3 +271,40 @@ def test_fold_is_off_under_compile():
     trainer = Trainer(nn.Linear(2, 2), None, create_method("at"), cfg, "unused", torch.device("cpu"))
     trainer._build_fold()
     assert trainer.fold is None and "compile" in trainer.attack_fold["note"]
+
+
+def test_evaluation_attacks_the_folded_copy_and_scores_the_model(tiny_data):
+    """``evaluate_model`` runs its white-box attacks and the self-checks' PGD on the folded copy
+    (the default) and scores the model's own predictions: against ``fold_bn=False`` the clean
+    predictions are identical and the white-box ones agree up to rounding-level flips, the record
+    says what was folded, and the model is left as it was (weights, buffers, train mode)."""
+    from genaf.evaluation import evaluate_model
+
+    torch.manual_seed(0)
+    model = _nontrivial_bn(DownstreamModel(load_encoder("random:demo"), 10)).train()
+    before = _state(model)
+    wb = {"eps": 8 / 255, "step": 2 / 255, "steps": 3, "restarts": 1, "fgsm": True}
+    test = tiny_data.test.subset(64)
+    runs = {
+        fold: evaluate_model(model, test, whitebox=wb, batch_size=32, n_check=32, fold_bn=fold)
+        for fold in (True, False)
+    }
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    on, off = runs[True], runs[False]
+    for name in ("pgd3-wb", "fgsm-wb", "checks"):
+        entry = on["metrics"]["checks"] if name == "checks" else on["metrics"]["attacks"][name]
+        assert entry["attack_fold"] == {"fold_bn": True, "folded_pairs": 20}, name
+        entry = off["metrics"]["checks"] if name == "checks" else off["metrics"]["attacks"][name]
+        assert entry["attack_fold"] == {"fold_bn": False, "folded_pairs": 0}, name
+    assert on["per_sample"]["clean"] == off["per_sample"]["clean"]
+    for name in ("pgd3-wb", "fgsm-wb"):
+        a, b = torch.tensor(on["per_sample"][name]), torch.tensor(off["per_sample"][name])
+        assert float((a != b).float().mean()) <= 2 / 64, name  # at most a flip or two at a decision boundary
+        assert abs(on["metrics"]["robust_acc"][name] - off["metrics"]["robust_acc"][name]) <= 2 / 64
+    assert on["metrics"]["robust_acc"]["pgd3-wb"] < on["metrics"]["clean_acc"]  # the attack did something
+    c_on, c_off = on["metrics"]["checks"], off["metrics"]["checks"]
+    # (a random-weight model answers nearly one class: prediction_collapse fails on both alike)
+    assert c_on["failed"] == c_off["failed"] and c_on["pgd_loss_rises"]["passed"]
+    assert c_on["whitebox_key"] != c_off["whitebox_key"]
+    for e, acc in c_off["whitebox_curve"].items():
+        assert abs(c_on["whitebox_curve"][e] - acc) <= 1 / 32, e

@@ -42,6 +42,11 @@ Configuration (every key is optional except ``methods`` and ``attacks``; an unkn
                                    # new head (lp) and attack that model with the same DAEs
     selfattack: false              # true or a list of attack labels: DAEs crafted on each
                                    # defended encoder itself (a white-box universal attack)
+    budget_controls: true          # true | false | [sft/at labels]: those methods again at
+                                   # Gen-AF's total epochs (LABEL-budget); each continues its
+                                   # base run from that run's last epoch once it has finished
+                                   # (genaf.finetune(continue_from=...): the same rows as a run
+                                   # from scratch, which it is when the base is not done yet)
 
 Cells and rows. A cell is (encoder, dataset, method, setting, attack, eps, seed), where
 ``setting`` is ``dae`` (DAEs crafted on the original encoder, the threat model), ``whitebox``,
@@ -1389,8 +1394,22 @@ class Bench:
         )
 
     # -- one unit ---------------------------------------------------------------
-    def finetune_run(self, run: Path, enc_spec: str, ds: DatasetSpec, method: str, mopts: dict, seed: int, whitebox):
-        """Fine-tune into ``run`` (or resume it, or reuse it when finished); returns its metrics."""
+    def finetune_run(
+        self,
+        run: Path,
+        enc_spec: str,
+        ds: DatasetSpec,
+        method: str,
+        mopts: dict,
+        seed: int,
+        whitebox,
+        keep_last_epoch: bool = False,
+        continue_from: Path | None = None,
+    ):
+        """Fine-tune into ``run`` (or resume it, or reuse it when finished); returns its metrics.
+        ``keep_last_epoch``: keep the last epoch's state for a budget control to continue;
+        ``continue_from``: a finished run of the same options with fewer epochs that kept it
+        (``genaf.finetune(continue_from=...)``: the same result as training from scratch)."""
         from .api import finetune
 
         metrics_path = run / "metrics.json"
@@ -1399,7 +1418,12 @@ class Bench:
         resume = (run / "checkpoint.pt").is_file()
         if not resume and run.is_dir() and not (run / "model.safetensors").is_file():
             self._clear_unstarted(run)
-        self.log(f"bench: {'resuming' if resume else 'fine-tuning'} {run.relative_to(self.out)}")
+        if resume:
+            continue_from = None
+        doing = "resuming" if resume else "fine-tuning"
+        if continue_from is not None:
+            doing = f"continuing {continue_from.relative_to(self.out)} into"
+        self.log(f"bench: {doing} {run.relative_to(self.out)}")
         return finetune(
             _expand(enc_spec),
             _expand(ds.name),
@@ -1407,7 +1431,12 @@ class Bench:
             run,
             config={"head": self.cfg.head, "eval": {"whitebox": whitebox, "batch_size": self.cfg.eval["batch_size"]}},
             method_config=mopts,
-            train={**self.cfg.train, "device": str(self.dev), "progress": False},
+            train={
+                **self.cfg.train,
+                "device": str(self.dev),
+                "progress": False,
+                **({"keep_last_epoch": True} if keep_last_epoch else {}),
+            },
             data={
                 "root": _expand(ds.root),
                 "image_size": ds.image_size,
@@ -1421,7 +1450,26 @@ class Bench:
             resume=resume,
             datamodule=self.data(ds, seed),
             log=lambda *_a, **_k: None,
+            continue_from=continue_from,
         )
+
+    def continuation(self, enc: str, ds: DatasetSpec, m: MethodSpec, seed: int) -> tuple[bool, Path | None]:
+        """For the run of ``m``: whether it keeps its last epoch (a budget control extends it), and
+        the finished run a budget control continues (None: that run is not finished, or kept no
+        last epoch, so the control trains from scratch, which computes the same)."""
+        from .train import LAST_EPOCH
+
+        controls = set(self.cfg.budget_controls or [])
+        keep = f"{m.label}-budget" in controls
+        if m.label not in controls:
+            return keep, None
+        base = next((b for b in self.cfg.methods if b.label == m.label.removesuffix("-budget")), None)
+        if base is None:
+            return keep, None
+        src = self.run_dir(enc, ds, base, seed)
+        if (src / LAST_EPOCH).is_file() and (src / "metrics.json").is_file():
+            return keep, src
+        return keep, None
 
     def _clear_unstarted(self, run: Path) -> None:
         """A fine-tune stopped before its first epoch checkpoint left ``config.yaml`` (and perhaps a
@@ -1568,7 +1616,13 @@ class Bench:
         spec = dict(self.cfg.encoders)[enc]
         run = self.run_dir(enc, ds, m, seed)
         rel = str(run.relative_to(self.out))
-        metrics = self.finetune_run(run, spec, ds, m.method, m.options, seed, self.cfg.whitebox)
+        keep, source = self.continuation(enc, ds, m, seed)
+        metrics = self.finetune_run(
+            run, spec, ds, m.method, m.options, seed, self.cfg.whitebox, keep_last_epoch=keep, continue_from=source
+        )
+        if "continued_from" in metrics:  # its training time is the continued run's and its own
+            before = float(metrics["continued_from"].get("train_seconds") or 0.0)
+            metrics = {**metrics, "train_seconds": round(float(metrics.get("train_seconds") or 0.0) + before, 1)}
         dm = self.data(ds, seed)
 
         wb = [c for c in pending if c["setting"] == "whitebox"]

@@ -184,9 +184,19 @@ def _wb_pgd(model, x, y, wb: dict, eps: float, seed: int, trace=None) -> torch.T
     )
 
 
-def check_pgd_loss_rises(model: nn.Module, x: torch.Tensor, y: torch.Tensor, wb: dict, seed: int = 0) -> dict:
+def check_pgd_loss_rises(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, wb: dict, seed: int = 0, attack_model: nn.Module | None = None
+) -> dict:
+    """The white-box PGD run at ``wb["eps"]`` (on ``attack_model``, default ``model``: an
+    equivalent copy such as genaf.fold's) raises its loss."""
+    return _pgd_loss_rises(model, x, y, wb, seed, attack_model)[0]
+
+
+def _pgd_loss_rises(model, x, y, wb: dict, seed: int, attack_model) -> tuple[dict, torch.Tensor]:
+    """:func:`check_pgd_loss_rises` and the adversarial images of its PGD run, which are
+    :func:`whitebox_curve`'s at ``wb["eps"]`` (the same settings and seed)."""
     trace: list[float] = []
-    _wb_pgd(model, x, y, wb, float(wb["eps"]), seed, trace)
+    xa = _wb_pgd(attack_model if attack_model is not None else model, x, y, wb, float(wb["eps"]), seed, trace)
     first, last = trace[0], trace[-1]
     rose = last > first + 1e-6 * max(1.0, abs(first))
     return {
@@ -195,15 +205,23 @@ def check_pgd_loss_rises(model: nn.Module, x: torch.Tensor, y: torch.Tensor, wb:
         "loss_end": last,
         "detail": f"PGD loss {first:.4g} -> {last:.4g}"
         + ("" if rose else ": it did not rise (masked or zero input gradients?)"),
-    }
+    }, xa
 
 
-def whitebox_curve(model, x, y, wb: dict, eps_list, seed: int = 0, bar=None) -> dict[float, float]:
-    """White-box PGD robust accuracy at each ε, with the same attack seed for every ε
-    (``bar``: a genaf.utils.Progress told of each ε done)."""
+def whitebox_curve(
+    model, x, y, wb: dict, eps_list, seed: int = 0, bar=None, attack_model=None, known=None
+) -> dict[float, float]:
+    """White-box PGD robust accuracy of ``model`` at each ε, with the same attack seed for every
+    ε (``bar``: a genaf.utils.Progress told of each ε done). The attack runs ``attack_model``
+    (default ``model``). ``known``: ε -> the robust accuracy this very PGD run already measured
+    (:func:`check_pgd_loss_rises`'s run at ``wb["eps"]``): taken instead of attacking again."""
     out = {}
+    atk = attack_model if attack_model is not None else model
     for e in eps_list:
-        out[float(e)] = _acc(model, _wb_pgd(model, x, y, wb, float(e), seed), y)
+        if float(e) in (known or {}):
+            out[float(e)] = float(known[float(e)])
+            continue
+        out[float(e)] = _acc(model, _wb_pgd(atk, x, y, wb, float(e), seed), y)
         if bar is not None:
             bar.update(1, f"PGD at ε={255 * float(e):.1f}/255: robust acc {100 * out[float(e)]:.1f} %")
     return out
@@ -242,10 +260,14 @@ def check_whitebox_vs_transfer(wb_acc: dict[float, float], transfer: dict[str, t
     }
 
 
-def whitebox_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, wb: dict, seed: int) -> str:
+def whitebox_key(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, wb: dict, seed: int, attack_model: nn.Module | None = None
+) -> str:
     """A digest of everything the white-box self-checks depend on: the model's class and every
-    parameter and buffer, the images and labels, the PGD settings, the seed, the device type and
-    the genaf and torch versions. Two runs with one key compute the same numbers."""
+    parameter and buffer, the images and labels, the PGD settings, the seed, the device type,
+    the genaf and torch versions and, where the attack runs on another module
+    (``attack_model``, such as genaf.fold's copy, which rounds differently), that module's
+    class, parameters and buffers. Two runs with one key compute the same numbers."""
     import hashlib
     import json
 
@@ -253,8 +275,12 @@ def whitebox_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, wb: dict, s
 
     h = hashlib.sha256()
     meta = [type(model).__qualname__, str(x.device.type), __version__, torch.__version__, seed, wb]
+    tensors = list(model.state_dict().items())
+    if attack_model is not None and attack_model is not model:  # (the model itself: the keys of before)
+        meta.append(f"attacked: {type(attack_model).__qualname__}")
+        tensors += [(f"attacked/{k}", v) for k, v in attack_model.state_dict().items()]
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    for name, t in list(model.state_dict().items()) + [("x", x), ("y", y)]:
+    for name, t in tensors + [("x", x), ("y", y)]:
         shape = t.shape
         t = t.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}:{t.dtype}:{tuple(shape)}".encode())
@@ -272,12 +298,16 @@ def run_checks(
     seed: int = 0,
     log=None,
     reuse: dict | None = None,
+    attack_model: nn.Module | None = None,
 ) -> dict:
     """Every check on one batch of test images ``x`` (labels ``y``); the model is in eval mode.
+    ``attack_model``: what the white-box PGD runs attack (default ``model``; genaf.evaluation
+    passes the BatchNorm-folded copy of genaf.fold, the same function up to float rounding);
+    every accuracy is the model's own.
     ``log``: where progress lines go off a terminal (one per white-box PGD run).
     ``reuse``: an earlier report of these checks (a run's ``metrics.json`` ``checks``): when its
     ``whitebox_key`` equals this call's (:func:`whitebox_key`: same model weights, images, PGD
-    settings, seed, device type and versions) and it holds every ε needed, its white-box PGD
+    settings, seed, device type, versions and what was attacked) and it holds every ε needed, its white-box PGD
     results are taken instead of recomputed (``whitebox_reused`` says so); the other checks
     always run."""
     out = {"n_images": int(len(x)), "logits": check_logits(model, x, n_classes)}
@@ -288,7 +318,7 @@ def run_checks(
             n: p for n, p in (perturbations or {}).items() if p.kind == "additive" and 0 < p.eps <= 1 and p.linf() > 0
         }
         eps_list = sorted(set(eps_list) | {float(p.eps) for p in additive.values()})
-        key = whitebox_key(model, x, y, whitebox, seed)
+        key = whitebox_key(model, x, y, whitebox, seed, attack_model)
         old = reuse if isinstance(reuse, dict) and reuse.get("whitebox_key") == key else {}
         old_curve = old.get("whitebox_curve") or {}
         if "pgd_loss_rises" in old and all(f"{e:.6f}" in old_curve for e in eps_list):
@@ -301,11 +331,19 @@ def run_checks(
                     "(same weights, images, attack settings and seed)"
                 )
         else:
-            bar = Progress(1 + len(eps_list), f"self-checks on {len(x)} images", unit="PGD runs", log=log)
+            # the loss check's PGD run is the curve's run at the base ε (same settings and seed)
+            bar = Progress(len(eps_list), f"self-checks on {len(x)} images", unit="PGD runs", log=log)
             with bar:
-                out["pgd_loss_rises"] = check_pgd_loss_rises(model, x, y, whitebox, seed)
-                bar.update(1, f"PGD loss rises: {out['pgd_loss_rises']['detail']}")
-                curve = whitebox_curve(model, x, y, whitebox, eps_list, seed, bar=bar)
+                out["pgd_loss_rises"], xa = _pgd_loss_rises(model, x, y, whitebox, seed, attack_model)
+                known = {base: _acc(model, xa, y)}
+                bar.update(
+                    1,
+                    f"PGD at ε={255 * base:.1f}/255: {out['pgd_loss_rises']['detail']}, "
+                    f"robust acc {100 * known[base]:.1f} %",
+                )
+                curve = whitebox_curve(
+                    model, x, y, whitebox, eps_list, seed, bar=bar, attack_model=attack_model, known=known
+                )
         out["whitebox_key"] = key
         out["whitebox_curve"] = {f"{e:.6f}": curve[e] for e in eps_list}
         out["eps_monotonic"] = check_eps_monotonic({e: curve[e] for e in eps_list if e <= min(1.0, 2 * base)})

@@ -115,6 +115,7 @@ def evaluate_model(
     log=None,
     parallel=None,
     reuse_checks: dict | None = None,
+    fold_bn: bool = True,
 ) -> dict:
     """Evaluate ``model`` on ``test`` against universal perturbations, per-sample DAEs and
     white-box PGD.
@@ -148,6 +149,11 @@ def evaluate_model(
         reuse_checks: an earlier ``checks`` report of this model on these images (see
             :func:`genaf.checks.run_checks`): its white-box PGD runs are reused when nothing
             they depend on changed.
+        fold_bn: the white-box attacks (and the self-checks' PGD runs) run on a copy of the model
+            with every BatchNorm folded into the convolution before it (:mod:`genaf.fold`: the
+            same function in eval mode up to float rounding, fewer kernels per pass); every
+            prediction scored is the model's own. ``attack_fold`` in each white-box attack's entry
+            and in ``checks`` says what was folded. False attacks the model itself.
     Returns:
         the ``metrics.json`` dict (without run metadata) and per-sample predictions.
     """
@@ -165,6 +171,7 @@ def evaluate_model(
     pgd_gen = team.generator(seed, "evaluate:pgd") if sharded else None
     was = [(m, m.training) for m in model.modules()]
     model.eval()
+    attack_model, fold_info = _attack_model(model, fold_bn and bool(whitebox or checks))
     preds: dict[str, list[torch.Tensor]] = {"clean": []}
     for name in list(perturbations) + list(adversarial):
         if name in preds:
@@ -202,6 +209,7 @@ def evaluate_model(
                 seed,
                 log=log,
                 reuse=reuse_checks,
+                attack_model=attack_model,
             )
         start = 0
         n_batches = math.ceil(len(test) / batch_size)
@@ -238,7 +246,7 @@ def evaluate_model(
                 bar.update(1, f"{at}: {name} (per-sample, {seconds[name]:.1f} s so far)")
             for name, (run, _) in wb_attacks.items():
                 t0 = time.time()
-                preds[name].append(_predict(model, run(model, x, y)).cpu())
+                preds[name].append(_predict(model, run(attack_model, x, y)).cpu())
                 seconds[name] = seconds.get(name, 0.0) + time.time() - t0
                 bar.update(1, f"{at}: {name} (white-box, {seconds[name]:.1f} s so far)")
             start += len(x)
@@ -283,6 +291,7 @@ def evaluate_model(
             out["attacks"][name] = {
                 "type": "white-box",
                 **wb_attacks[name][1],
+                "attack_fold": fold_info,
                 **where,
                 "seconds": round(seconds.get(name, 0.0), 2),
             }
@@ -309,6 +318,8 @@ def evaluate_model(
                 **where,
             }
     if report is not None:
+        if "whitebox_curve" in report:
+            report["attack_fold"] = fold_info
         report["perturbation_applied"] = applied
         report["prediction_collapse"] = check_prediction_collapse(clean, y)
         if split_indices is not None and perturbations:
@@ -317,6 +328,17 @@ def evaluate_model(
         out["checks"] = report
     per_sample = {"index": torch.cat(indices).tolist(), "label": y.tolist(), **{k: v.tolist() for k, v in p.items()}}
     return {"metrics": out, "per_sample": per_sample}
+
+
+def _attack_model(model: nn.Module, fold: bool) -> tuple[nn.Module, dict]:
+    """What the white-box attacks run on: the BatchNorm-folded copy of ``model`` (in eval mode)
+    when ``fold`` and something folds, else ``model``; and the record of it."""
+    if not fold:
+        return model, {"fold_bn": False, "folded_pairs": 0}
+    from .fold import AttackFold
+
+    folder = AttackFold(model)
+    return folder(model), {"fold_bn": True, **folder.info()}
 
 
 def _gather_batches(team, labels: list, preds: dict, indices: list):

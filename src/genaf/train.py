@@ -271,7 +271,10 @@ class Trainer:
                     correct = 0
                     for start, (x, y, _) in zip(range(0, len(sub), bs), sub.batches(bs, device=self.device, part=part)):
                         self.team.set_rows(gen, min(bs, len(sub) - start))
-                        xa = pgd(model, x, y, self.cfg.val_eps, self.cfg.val_step, self.cfg.val_steps, gen=gen)
+                        # the attack runs the BatchNorm-folded copy when there is one (the same
+                        # function in eval mode, cheaper); the prediction is the model's own
+                        atk = self.fold(model) if self.fold is not None else model
+                        xa = pgd(atk, x, y, self.cfg.val_eps, self.cfg.val_step, self.cfg.val_steps, gen=gen)
                         with torch.no_grad():
                             correct += int((model(xa).argmax(1) == y).sum())
                     correct = int(self.team.sum_values({"c": correct})["c"])
