@@ -117,6 +117,38 @@ def test_the_nearest_regime_has_the_encoder_family_then_the_labels_per_class():
     assert any("encoder family" in c for c in rec["caveats"])
 
 
+def test_between_regimes_equally_near_the_users_dataset_decides():
+    same = regime("fmnist-50", n_train=500, genaf=("genaf", 78.0, 70.0))
+    other = regime("digits-50", n_train=500, genaf=("genaf", 79.0, 71.0))
+    same["dataset"], other["dataset"] = "fashion-mnist", "rendered-digits"
+    regs = regimes(same, other)
+    for dataset, want in (("rendered-digits", "digits-50"), ("fashion-mnist", "fmnist-50"), (None, "fmnist-50")):
+        rec = recommend({**exposure(a=0.4, lpc=50), "dataset": dataset}, regs)
+        assert rec["regime"]["name"] == want, dataset
+        assert rec["regime"]["distance"]["same_dataset"] is (dataset is not None)
+    # the labels per class still come first: a closer count on another dataset wins
+    near = regime("digits-45", n_train=450)
+    near["dataset"] = "rendered-digits"
+    rec = recommend({**exposure(a=0.4, lpc=45), "dataset": "fashion-mnist"}, regimes(same, near))
+    assert rec["regime"]["name"] == "digits-45"
+
+
+def test_a_cross_domain_resnet_task_gets_gen_af_at_the_digits_regimes_cost():
+    """The shipped regimes: a ResNet task on rendered digits with ~50 labels per class is nearest
+    to bench-hard's cross-domain slice (docs/BENCH.md), where Gen-AF beat AT on both validation
+    axes beyond seed noise at a clean cost of 0.5 points: an exposure like that slice's SFT under
+    ssp-universal at 16/255 gets Gen-AF, and one smaller than that cost needs no defence."""
+    regs, _ = load_regimes()
+    ex = {**exposure(clean=0.936, lpc=50, **{"ssp-universal": 0.497}), "dataset": "rendered-digits"}
+    rec = recommend(ex, regs)
+    assert rec["regime"]["name"] == "bench-hard-resnet-digits-500" and rec["regime"]["distance"]["same_dataset"]
+    assert rec["verdict"] == "Gen-AF" and rec["method"] == "genaf"
+    assert rec["cheapest"]["method"] == "genaf" and rec["cheapest"]["clean_cost"] == pytest.approx(0.005)  # fractions
+    assert recommend({**ex, "dae": {"ssp-universal": 0.933}}, regs)["verdict"] == NO_DEFENCE
+    # the same task on Fashion-MNIST is nearer to bench-small's fmnist-500 regime (listed first)
+    assert recommend({**ex, "dataset": "fashion-mnist"}, regs)["regime"]["name"] == "bench-small-fmnist-500"
+
+
 def test_a_close_call_says_so():
     rec = recommend(exposure(a=0.76, n_test=100), regimes())  # 4 points against 5, on 100 images
     assert rec["verdict"] == NO_DEFENCE and rec["close_call"]

@@ -183,6 +183,9 @@ def test_two_shards_in_one_folder_merge_to_the_unsharded_results(reference, tmp_
     # each perturbation was crafted by one shard only: one "crafting" line per file in both logs
     crafted = [ln for o, e in outs for ln in (o + e).splitlines() if "bench: crafting " in ln and "->" in ln]
     assert len(crafted) == len(set(crafted)) == len(list((out / "perturbations").rglob("*.safetensors")))
+    for o, _ in outs:
+        if " result rows in " in o:  # the shard that finished last merged: it counts every shard's rows
+            assert f"{N_ROWS} result rows in " in o, o
     r = subprocess.run(
         [sys.executable, "-m", "genaf", "report", str(out)], capture_output=True, text=True, env=_env(), timeout=300
     )

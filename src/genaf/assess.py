@@ -71,7 +71,7 @@ RULE = (
     "recommended is, among the defences of that regime that cost less clean accuracy than the exposure, "
     "the one with the highest clean + robust accuracy there (Gen-AF, or the best AT-family method). The "
     "nearest regime has the user's encoder family (ResNet, ViT) if any does, then the closest number of "
-    "training labels per class (on a log scale)."
+    "training labels per class (on a log scale), then the user's dataset if one of those has it."
 )
 
 
@@ -212,12 +212,15 @@ def encoder_family(meta: dict) -> str:
     return arch or "unknown"
 
 
-def regime_distance(exposure: dict, regime: dict) -> tuple[int, float]:
-    """(0 for the user's encoder family, else 1; |log(labels per class ratio)|): smaller is nearer."""
+def regime_distance(exposure: dict, regime: dict) -> tuple[int, float, int]:
+    """(0 for the user's encoder family, else 1; |log(labels per class ratio)|; 0 for the user's
+    dataset, else 1): smaller is nearer, compared in that order (the dataset decides only
+    between regimes equally near on the first two)."""
     lpc = max(float(exposure.get("labels_per_class") or 1.0), 1e-9)
     return (
         0 if regime["encoder_family"] == exposure.get("encoder_family") else 1,
         abs(math.log(lpc / regime["labels_per_class"])),
+        0 if exposure.get("dataset") and regime.get("dataset") == exposure.get("dataset") else 1,
     )
 
 
@@ -347,7 +350,11 @@ def recommend(exposure: dict, regimes: list[dict]) -> dict:
             "labels_per_class": reg["labels_per_class"],
             "robust_measure": reg["robust_measure"],
             "sft": {"clean": base["clean"], "robust": base["robust"]},
-            "distance": {"same_family": not dist[0], "log_labels_per_class_ratio": dist[1]},
+            "distance": {
+                "same_family": not dist[0],
+                "log_labels_per_class_ratio": dist[1],
+                "same_dataset": not dist[2],
+            },
         },
         "cheapest": cheapest,
         "expected_clean_cost": chosen["clean_cost"] if chosen else None,
@@ -692,6 +699,7 @@ def run_assess(
         "encoder_family": encoder_family(enc.meta),
         "num_classes": dm.num_classes,
         "n_train_task": sizes["n_train_task"],
+        "dataset": dataset,
         "labels_per_class": sizes["n_train_task"] / dm.num_classes,
         "eps": eps,
     }

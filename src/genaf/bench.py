@@ -1888,6 +1888,7 @@ def _run_shard(
         from .bench_report import build_report
 
         results, report = str(out / "results.json"), str(build_report(out))
+        rows = read_results(out)["rows"]  # every shard's: what the merged results.json holds
     else:
         log(f"bench: when every shard has finished, run: genaf report {out}")
     return {"rows": rows, "computed": bench.computed, "results": results, "report": report}

@@ -507,7 +507,8 @@ def fig_tradeoff(g: Group, info: dict, title: str):
     ax.grid(alpha=0.3)
     seeds = len(g.seeds)
     note = f"error bars: ± sample std over {seeds} seeds" if seeds > 1 else "one seed: no error bars"
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), title=note, title_fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # (no universal DAE but the noise control: nothing plotted)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), title=note, title_fontsize=8)
     return fig
 
 
