@@ -195,6 +195,45 @@ def test_two_shards_in_one_folder_merge_to_the_unsharded_results(reference, tmp_
     assert (out / "report.md").is_file()
 
 
+def test_a_shard_makes_the_inputs_no_other_shard_is_making_before_it_waits(tmp_path):
+    """Before waiting on another shard's lock, a shard crafts every shared input of the unit that
+    is missing and unlocked, starting at its own place in the list (shard 1 of 2 at the middle):
+    two shards reaching a seed together craft its perturbations side by side."""
+    import fcntl
+
+    from genaf.bench import Bench, _eps_tag
+
+    if not FASHION.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    cfg = {
+        **TINY,
+        "attacks": {"uniform-noise": {}, "l4a-base": {"iterations": 2}, "fff": {"iterations": 2}, "ssp": {"steps": 1}},
+        "seeds": [0],
+    }
+    b = Bench(load_config(cfg), tmp_path, log=lambda *_: None, shard=(1, 2))
+    enc, ds, m = "tiny-resnet", b.cfg.datasets[0], b.cfg.methods[0]
+    cells = [c for c in b.unit_cells(enc, ds, m, 0).values() if c["setting"] == "dae"]
+    order = list(dict.fromkeys(f"{c['spec'].label}@{_eps_tag(c['eps'])}" for c in cells))
+    assert len(order) == 4
+    spec = {c["spec"].label: c["spec"] for c in cells}
+    held = b.pert_path(enc, spec["l4a-base"], cells[0]["eps"], 0)
+    held.parent.mkdir(parents=True, exist_ok=True)
+    with open(held.parent / f".{held.name}.lock", "w") as fh:  # "another shard" crafts l4a-base now
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        made = b.claim_inputs(enc, ds, cells, 0, b.data(ds, 0))
+        assert not held.is_file()
+    rotated = order[2:] + order[:2]
+    assert made == [x for x in rotated if not x.startswith("l4a-base@")]
+    for label in ("uniform-noise", "fff"):
+        assert b.pert_path(enc, spec[label], cells[0]["eps"], 0).is_file()
+    stem = b.per_sample_stem(enc, ds, spec["ssp"], cells[0]["eps"], 0)
+    assert all(stem.with_name(f"{stem.name}-{s}.safetensors").is_file() for s in ("test", "val"))
+    # the lock released, the one input left is made, and then there is nothing left to make
+    assert b.claim_inputs(enc, ds, cells, 0, b.data(ds, 0)) == [x for x in order if x.startswith("l4a-base@")]
+    assert held.is_file()
+    assert b.claim_inputs(enc, ds, cells, 0, b.data(ds, 0)) == []
+
+
 @pytest.mark.parametrize("bad", ["2/2", "-1/2", "1", "a/b", "0/0"])
 def test_shard_spec_errors(bad):
     from genaf.bench import parse_shard

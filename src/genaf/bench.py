@@ -91,7 +91,9 @@ I modulo N: a deterministic share, disjoint from every other shard's, so no two 
 fine-tune the same model or compute the same cell. A shard writes its rows to
 ``OUT/shards/I-of-N.json`` only; inputs that several units share (a universal perturbation,
 the per-sample DAE images) are made under a per-file lock by whichever shard needs them first
-and read by the others. When a shard finds every cell of the configuration done (it is the
+and read by the others; before waiting on another shard's lock, a shard makes the inputs of its
+unit that nobody is making yet, starting at its own place in the list (``Bench.claim_inputs``),
+so shards reaching a seed together craft its perturbations side by side. When a shard finds every cell of the configuration done (it is the
 last to finish), or when ``genaf report OUT`` is run after all shards finished, the shard files
 are merged into ``OUT/results.json`` / ``results.csv`` and the report is written: the same
 files as one unsharded run (apart from the ``*_seconds`` columns). While shards hold the
@@ -873,18 +875,24 @@ def _lock(out: Path, shard: tuple[int, int] | None = None):
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
-    """A blocking lock beside ``path`` while it is made, so that shards sharing an input (a
-    perturbation, per-sample DAE images) make it once: the others wait, then read the file."""
+def _file_lock(path: Path, wait: bool = True):
+    """A lock beside ``path`` while it is made, so that shards sharing an input (a perturbation,
+    per-sample DAE images) make it once: the others wait, then read the file. Yields whether this
+    process holds it: with ``wait=False`` it does not block, and yields False when another process
+    holds it (the caller then makes something else first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
-        yield
+        yield True
         return
     with open(path.parent / f".{path.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def _shard_tag(shard: tuple[int, int]) -> str:
@@ -1356,7 +1364,10 @@ class Bench:
         return self._shard_cells
 
     # -- perturbations --------------------------------------------------------
-    def perturbation(self, encoder, path: Path, a: AttackSpec, eps: float, seed: int):
+    def perturbation(self, encoder, path: Path, a: AttackSpec, eps: float, seed: int, wait: bool = True):
+        """The universal perturbation at ``path``: cached, read, or crafted on ``encoder``. With
+        ``wait=False`` (sharded runs) it returns None instead of waiting while another process
+        crafts it."""
         from .api import craft
         from .attacks import Perturbation
 
@@ -1364,7 +1375,9 @@ class Bench:
         if key in self._perts:
             return self._perts[key]
         sur, sur_name = self.surrogate(seed)
-        with _file_lock(path) if self.shared else contextlib.nullcontext():
+        with _file_lock(path, wait) if self.shared else contextlib.nullcontext(True) as mine:
+            if not mine:
+                return None
             pert = self._load_or_craft(encoder, path, a, eps, seed, sur, sur_name, craft, Perturbation)
             if not path.with_suffix(".delta.png").is_file():
                 _pictures(pert, sur, path)
@@ -1546,10 +1559,13 @@ class Bench:
             )
         return rows
 
-    def per_sample_images(self, enc: str, ds: DatasetSpec, a: AttackSpec, eps: float, seed: int, dm) -> dict:
+    def per_sample_images(
+        self, enc: str, ds: DatasetSpec, a: AttackSpec, eps: float, seed: int, dm, wait: bool = True
+    ) -> dict | None:
         """Per-sample DAEs of ``a`` on the original encoder for the test and validation images of
         ``dm``: ``{"test": (images, desc), "val": (images, desc)}``, crafted once and cached in
-        ``OUT/per-sample/`` (they do not depend on the fine-tuned model)."""
+        ``OUT/per-sample/`` (they do not depend on the fine-tuned model). With ``wait=False``
+        (sharded runs) None while another process crafts them."""
         import torch
         from safetensors import safe_open
         from safetensors.torch import save_file
@@ -1560,8 +1576,10 @@ class Bench:
         stem = self.per_sample_stem(enc, ds, a, eps, seed)
         out = {}
         fn = desc = None
-        lock = _file_lock(stem) if self.shared else contextlib.nullcontext()
-        with lock:
+        lock = _file_lock(stem, wait) if self.shared else contextlib.nullcontext(True)
+        with lock as mine:
+            if not mine:
+                return None
             for split, images in (("test", dm.test), ("val", dm.val)):
                 path = stem.with_name(f"{stem.name}-{split}.safetensors")
                 if path.is_file():
@@ -1603,6 +1621,41 @@ class Bench:
         r["attack_success_rate"] = 1.0 - ra  # METHOD.md §7: named explicitly, 1 - RA
         r["relative_decline"] = (ca - ra) / ca if ca > 0 else 0.0
         return {k: r.get(k) for k in COLUMNS}
+
+    def claim_inputs(self, enc: str, ds: DatasetSpec, cells: list[dict], seed: int, dm) -> list[str]:
+        """Sharded runs: before waiting for any shared input of these DAE cells, make each one
+        that is missing and that no other process is making now, starting at this shard's place in
+        the list (shard I of N at its I/N-th item, then round). Shards that reach a seed together
+        thus craft its perturbations side by side, where otherwise one crafts them all while the
+        others wait on its locks. Returns the labels of the inputs this call made or read."""
+        todo, seen = [], set()
+        for c in cells:
+            a: AttackSpec = c["spec"]
+            key = (a.label, c["eps"])
+            if key in seen:
+                continue
+            seen.add(key)
+            if a.per_sample:
+                stem = self.per_sample_stem(enc, ds, a, c["eps"], seed)
+                if not all(stem.with_name(f"{stem.name}-{s}.safetensors").is_file() for s in ("test", "val")):
+                    todo.append((a, c["eps"], None))
+            else:
+                path = self.pert_path(enc, a, c["eps"], seed)
+                if not path.is_file():
+                    todo.append((a, c["eps"], path))
+        if not todo:
+            return []
+        i, n = self.shard or (0, 1)
+        k = i * len(todo) // n
+        made = []
+        for a, eps, path in todo[k:] + todo[:k]:
+            if path is None:
+                got = self.per_sample_images(enc, ds, a, eps, seed, dm, wait=False)
+            else:
+                got = self.perturbation(self.encoder(enc), path, a, eps, seed, wait=False)
+            if got is not None:
+                made.append(f"{a.label}@{_eps_tag(eps)}")
+        return made
 
     def unit(self, enc: str, ds: DatasetSpec, m: MethodSpec, seed: int, label: str) -> None:
         from .api import evaluate
@@ -1652,6 +1705,8 @@ class Bench:
             )
 
         dae = [c for c in pending if c["setting"] in ("dae", "fresh-head")]
+        if self.shared:
+            self.claim_inputs(enc, ds, dae, seed, dm)
         perts, adv = {}, {}
         for c in dae:
             a: AttackSpec = c["spec"]
