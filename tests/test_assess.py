@@ -149,6 +149,22 @@ def test_a_cross_domain_resnet_task_gets_gen_af_at_the_digits_regimes_cost():
     assert recommend({**ex, "dataset": "fashion-mnist"}, regs)["regime"]["name"] == "bench-small-fmnist-500"
 
 
+def test_a_cross_domain_vit_task_needs_no_defence_where_every_defence_ended_below_sft():
+    """The shipped regimes: bench-hard's cross-domain ViT slice (docs/BENCH.md), where every
+    defence lost 16-19 points of mean DAE robust accuracy against SFT along with 30-34 points of
+    clean accuracy. A ViT task on rendered digits with ~50 labels per class, exposed as that
+    slice's SFT under ssp-universal at 16/255 (34.5 points), gets no defence there; the same
+    exposure on a ResNet is nearest to the ResNet's slice and gets Gen-AF."""
+    regs, _ = load_regimes()
+    ex = {**exposure(clean=0.542, family="vit", lpc=50, **{"ssp-universal": 0.197}), "dataset": "rendered-digits"}
+    rec = recommend(ex, regs)
+    assert rec["regime"]["name"] == "bench-hard-vit-digits-500" and rec["regime"]["distance"]["same_dataset"]
+    assert rec["verdict"] == NO_DEFENCE and rec["method"] is None and rec["cheapest"] is None
+    assert "no defence gained robust accuracy" in rec["reason"]
+    resnet = recommend({**ex, "encoder_family": "resnet"}, regs)
+    assert resnet["regime"]["name"] == "bench-hard-resnet-digits-500" and resnet["verdict"] == "Gen-AF"
+
+
 def test_a_close_call_says_so():
     rec = recommend(exposure(a=0.76, n_test=100), regimes())  # 4 points against 5, on 100 images
     assert rec["verdict"] == NO_DEFENCE and rec["close_call"]
