@@ -208,3 +208,20 @@ def test_sensitivity_shows_every_seed_with_short_layer_names():
     assert "ρ" in ax.get_xlabel() and ax.get_title() == "sensitivity"
     # a short name that would clash keeps its full form
     assert short_layer_names(["encoder.head.0", "head.0"]) == {"encoder.head.0": "encoder.head.0", "head.0": "head.0"}
+
+
+def test_tradeoff_labels_sit_on_the_side_away_from_a_near_point():
+    """Two methods at the same clean accuracy, 0.5 points apart in robust accuracy (bench-hard's
+    ViT fmnist-500 slice: `at` at 56.7 / 54.9, `genaf-stage1` at 56.7 / 55.4): the higher one's
+    name goes above it and the lower one's below, so neither name sits beside the other point."""
+    from genaf.bench_report import _label_offset
+
+    pts = [(56.7, 54.9), (56.7, 55.4), (70.5, 55.1)]  # at, genaf-stage1, sft
+    span_x, span_y = 30.0, 14.0
+    assert [_label_offset(i, pts, span_x, span_y) for i in range(3)] == [(7, -12), (7, 6), (7, 6)]
+    # the order of the methods does not decide which is above
+    assert [_label_offset(i, pts[::-1], span_x, span_y) for i in range(3)] == [(7, 6), (7, 6), (7, -12)]
+    # at the same point, the first above and the second below
+    assert [_label_offset(i, [(50.0, 50.0)] * 2, span_x, span_y) for i in (0, 1)] == [(7, 6), (7, -12)]
+    # three together: no names (the legend's colours name them)
+    assert _label_offset(0, [(50.0, 50.0), (50.5, 50.2), (51.0, 49.8)], span_x, span_y) is None

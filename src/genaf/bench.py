@@ -93,11 +93,11 @@ fine-tune the same model or compute the same cell. A shard writes its rows to
 the per-sample DAE images) are made under a per-file lock by whichever shard needs them first
 and read by the others; before waiting on another shard's lock, a shard makes the inputs of its
 unit that nobody is making yet, starting at its own place in the list (``Bench.claim_inputs``),
-so shards reaching a seed together craft its perturbations side by side. When a shard finds every cell of the configuration done (it is the
-last to finish), or when ``genaf report OUT`` is run after all shards finished, the shard files
-are merged into ``OUT/results.json`` / ``results.csv`` and the report is written: the same
-files as one unsharded run (apart from the ``*_seconds`` columns). While shards hold the
-folder, an unsharded run or a merge is refused.
+so shards reaching a seed together craft its perturbations side by side. When a shard finds
+every cell of the configuration done (it is the last to finish), or when ``genaf report OUT``
+is run after all shards finished, the shard files are merged into ``OUT/results.json`` /
+``results.csv`` and the report is written: the same files as one unsharded run (apart from the
+``*_seconds`` columns). While shards hold the folder, an unsharded run or a merge is refused.
 
 Ray. ``run_bench(..., ray=True)`` (``genaf bench CONFIG --out DIR --ray [ADDRESS]``, the ``ray``
 extra) runs the units as Ray tasks, each like a shard of one unit, after a wave of tasks that

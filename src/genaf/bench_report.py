@@ -424,6 +424,24 @@ def _err(ms: tuple[float, float | None]) -> float:
     return 0.0 if ms[1] is None else 100 * ms[1]
 
 
+def _label_offset(i: int, points: list[tuple[float, float]], span_x: float, span_y: float):
+    """Where the trade-off figure writes the name of the method at ``points[i]``, in offset points
+    from it; None for no label. Alone: above right. Near one other point (within 8 % of the plotted
+    width and 5 % of its height): on the side away from it, above right when it is the higher of
+    the two (the first of two at the same height) and below right otherwise, so that each name
+    sits beside its own point. Near two or more: none, the legend's colour names it."""
+    x, y = points[i]
+    near = [
+        j for j, (a, b) in enumerate(points) if j != i and abs(x - a) < 0.08 * span_x and abs(y - b) < 0.05 * span_y
+    ]
+    if len(near) >= 2:
+        return None
+    if not near:
+        return (7, 6)
+    b = points[near[0]][1]
+    return (7, 6) if y > b or (y == b and i < near[0]) else (7, -12)
+
+
 def fig_tradeoff(g: Group, info: dict, title: str):
     """Each method at (CA, mean DAE RA) with its seed std as error bars, the front as a black
     staircase over the grey region it dominates, the methods on the front ringed, and Gen-AF a
@@ -446,13 +464,13 @@ def fig_tradeoff(g: Group, info: dict, title: str):
     # below sets it), which is what a label's size on the page compares with
     boxes = [(100 * g.ca(m)[0], 100 * g.mean_dae(m)[0], _err(g.ca(m)), _err(g.mean_dae(m))) for m in g.methods]
     boxes = [bx for bx in boxes if bx[0] == bx[0] and bx[1] == bx[1]]
+    points = [(bx[0], bx[1]) for bx in boxes]  # in the order of the loop below
 
     def _plotted(lo: list[float], hi: list[float]) -> float:
         return max(1.0, max(hi) - min(lo) + 2 * max(2.0, 0.12 * (max(hi) - min(lo)))) if lo else 1.0
 
     span_x = _plotted([x - ex for x, _, ex, _ in boxes], [x + ex for x, _, ex, _ in boxes])
     span_y = _plotted([y - ey for _, y, _, ey in boxes], [y + ey for _, y, _, ey in boxes])
-    labelled: list[tuple[float, float]] = []
     for m, c in zip(g.methods, _colors(len(g.methods))):
         ca, ra = g.ca(m), g.mean_dae(m)
         if ca[0] != ca[0] or ra[0] != ra[0]:
@@ -486,12 +504,9 @@ def fig_tradeoff(g: Group, info: dict, title: str):
                 label=None if ringed else "on the front",
             )
             ringed = True
-        # a label near one other labelled point goes below its own point; in a tighter cluster the
-        # legend's colour names the point (a label there would sit beside another point)
-        near = sum(abs(x - a) < 0.08 * span_x and abs(y - b) < 0.05 * span_y for a, b in labelled)
-        labelled.append((x, y))
-        if near < 2:
-            ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 6 - 14 * near), fontsize=8, zorder=5)
+        off = _label_offset(len(lo_x), points, span_x, span_y)  # lo_x: one entry per point plotted so far
+        if off is not None:
+            ax.annotate(m, (x, y), textcoords="offset points", xytext=off, fontsize=8, zorder=5)
         lo_x.append(x - ex)
         hi_x.append(x + ex)
         lo_y.append(y - ey)
