@@ -165,6 +165,24 @@ def test_a_cross_domain_vit_task_needs_no_defence_where_every_defence_ended_belo
     assert resnet["regime"]["name"] == "bench-hard-resnet-digits-500" and resnet["verdict"] == "Gen-AF"
 
 
+def test_a_vit_fashion_mnist_task_with_50_labels_per_class_gets_a_defence_only_against_16_255():
+    """The shipped regimes: bench-hard's ViT slice with ~50 labels per class (docs/BENCH.md). An
+    exposure like that slice's SFT under ssp-universal at 16/255 (70.5 -> 25.6 %) gets the
+    defence with the best clean + robust accuracy there, AT trained for Gen-AF's epochs, at its
+    cost of 11.4 points; the strongest DAE at 8/255 (59.8 %) takes less than that and needs none."""
+    regs, _ = load_regimes()
+    ex = {**exposure(clean=0.705, family="vit", lpc=50, **{"ssp-universal": 0.256}), "dataset": "fashion-mnist"}
+    rec = recommend(ex, regs)
+    assert rec["regime"]["name"] == "bench-hard-vit-fmnist-500" and rec["regime"]["distance"]["same_dataset"]
+    assert rec["verdict"] == "AT-family" and rec["method"] == "at-budget" and rec["run_as"] == "at"
+    assert rec["expected_clean_cost"] == pytest.approx(0.114)
+    assert {c["method"] for c in rec["candidates"] if c["robust_gain"] > 0} == {"genaf", "at-budget"}
+    at8 = recommend({**ex, "dae": {"ssp-universal": 0.598}, "eps": 8 / 255}, regs)
+    assert at8["verdict"] == NO_DEFENCE and at8["cheapest"]["method"] == "at-budget"
+    # the same task on rendered digits is nearer to the cross-domain ViT slice
+    assert recommend({**ex, "dataset": "rendered-digits"}, regs)["regime"]["name"] == "bench-hard-vit-digits-500"
+
+
 def test_a_close_call_says_so():
     rec = recommend(exposure(a=0.76, n_test=100), regimes())  # 4 points against 5, on 100 images
     assert rec["verdict"] == NO_DEFENCE and rec["close_call"]
